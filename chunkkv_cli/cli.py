@@ -1,0 +1,90 @@
+"""The `chunkkv` command: wires the command modules together and turns known errors into one line."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from chunkkv_cli import __version__
+from chunkkv_cli.errors import ChunkKVError
+
+app = typer.Typer(
+    name="chunkkv",
+    help="Long-document inference with a compressed KV cache (ChunkKV and baselines).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    add_completion=False,
+)
+_stderr = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> None:
+    _stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Known failures become `error: ...` and an exit code; CHUNKKV_DEBUG=1 shows the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        if os.environ.get("CHUNKKV_DEBUG"):
+            return command(*args, **kwargs)
+        try:
+            return command(*args, **kwargs)
+        except ChunkKVError as err:
+            _fail(str(err), err.exit_code)
+        except MemoryError:
+            _fail("out of CPU memory: try a smaller --seq, --batch or a lower --ratio", 1)
+        except RuntimeError as err:
+            if "out of memory" in str(err).lower():
+                _fail("CUDA out of memory: try a smaller --seq, --batch or a lower --ratio/--budget", 1)
+            raise
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"chunkkv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Long-document inference with a compressed KV cache (ChunkKV and baselines)."""
+
+
+def _register() -> None:
+    from chunkkv_cli.commands import ask, memory, profiles
+
+    for name, fn, epilog in [
+        ("memory", memory.memory, memory.EXAMPLES),
+        ("profiles", profiles.profiles, None),
+        ("ask", ask.ask, ask.EXAMPLES),
+    ]:
+        app.command(name, epilog=epilog)(friendly_errors(fn))
+
+
+_register()
+
+
+def main() -> None:
+    app(prog_name="chunkkv")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""The one error type commands raise; the CLI turns it into a red one-liner and an exit code."""
+
+
+class ChunkKVError(Exception):
+    """A problem the user can fix: bad input, unknown model, a file that cannot be read."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
