@@ -1,0 +1,1 @@
+"""One module per command; `chunkkv_cli.cli` wires them into the app."""

@@ -1,0 +1,34 @@
+"""Options shared by several commands, so each is spelled and documented once."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+DEFAULT_MODEL = "smollm2-135m"
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Profile name (see `chunkkv profiles`), a profile .yaml, a local Hugging Face folder or a .gguf file.",
+    ),
+]
+RatioOpt = Annotated[
+    Optional[float],
+    typer.Option("--ratio", "-r", help="Fraction of context tokens kept, in (0, 1]: 0.1 keeps 10 % of the KV cache."),
+]
+BudgetOpt = Annotated[
+    Optional[int],
+    typer.Option("--budget", "-b", help="Tokens kept per layer (window included); overrides --ratio."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU if there is one), cpu or cuda.")]
+WindowOpt = Annotated[int, typer.Option("--window", help="Observation window: the last W prompt tokens score the rest.")]
+ChunkSizeOpt = Annotated[int, typer.Option("--chunk-size", help="ChunkKV chunk length in tokens.")]
+ReuseOpt = Annotated[
+    int,
+    typer.Option("--reuse-layers", help="ChunkKV layer-wise index reuse: layers per group sharing one selection (1 = off)."),
+]
