@@ -1,0 +1,125 @@
+"""What every compression method shares: budgets, the observation-window score, top-k with the window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from chunkkv_cli.errors import ChunkKVError
+
+
+@dataclass
+class Compressor:
+    """Chooses, per layer, which prompt tokens stay in the KV cache.
+
+    Parameters
+    ----------
+    ratio : float, optional
+        Fraction of the prompt's tokens kept per layer, in (0, 1] (0.1 keeps 10 %).
+    budget : int, optional
+        Tokens kept per layer, window included. Overrides ``ratio``.
+    window : int, default 32
+        The last ``window`` prompt tokens are always kept; methods that score use their queries.
+    """
+
+    ratio: float | None = None
+    budget: int | None = None
+    window: int = 32
+
+    name: ClassVar[str] = "base"
+    compresses: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise ChunkKVError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if self.budget is not None and self.budget < 1:
+            raise ChunkKVError(f"--budget must be a positive number of tokens, got {self.budget}")
+        if self.window < 1:
+            raise ChunkKVError(f"--window must be at least 1, got {self.window}")
+        if self.ratio is None and self.budget is None:
+            self.ratio = 0.1
+
+    def kept_tokens(self, kv_len: int) -> int:
+        """Tokens every layer keeps on average (the uniform budget)."""
+        if self.budget is not None:
+            return min(self.budget, kv_len)
+        return min(kv_len, max(1, round(self.ratio * kv_len)))
+
+    def layer_budget(self, kv_len: int, layer_idx: int, n_layers: int) -> int:
+        return self.kept_tokens(kv_len)
+
+    def select(self, query: torch.Tensor, key: torch.Tensor, layer_idx: int, n_layers: int, scaling: float):
+        """Indices of the tokens to keep, sorted, or None to keep everything.
+
+        query: (batch, q_heads, kv_len, head_dim); key: (batch, kv_heads, kv_len, head_dim), both after RoPE.
+        Returns (batch, kv_heads, n_kept) for per-head methods, (batch, n_kept) for shared ones.
+        """
+        kv_len = key.shape[2]
+        n_kept = self.layer_budget(kv_len, layer_idx, n_layers)
+        if n_kept >= kv_len:
+            return None
+        window = min(self.window, n_kept)
+        return self.select_tokens(query, key, n_kept, window, scaling)
+
+    def select_tokens(self, query, key, n_kept: int, window: int, scaling: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def window_indices(kv_len: int, window: int, like: torch.Tensor) -> torch.Tensor:
+    """The last `window` positions, broadcast to the leading dims of `like`."""
+    idx = torch.arange(kv_len - window, kv_len, device=like.device)
+    return idx.expand(*like.shape[:-1], window)
+
+
+def keep_top(scores: torch.Tensor, n_kept: int, window: int) -> torch.Tensor:
+    """Top (n_kept - window) prefix positions by score, sorted, followed by the window.
+
+    scores: (..., kv_len - window) -> indices (..., n_kept).
+    """
+    prefix_len = scores.shape[-1]
+    top = scores.topk(n_kept - window, dim=-1).indices.sort(dim=-1).values
+    return torch.cat([top, window_indices(prefix_len + window, window, scores)], dim=-1)
+
+
+def group_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(batch, q_heads, n, d) -> (batch, kv_heads, group, n, d): query head h reads KV head h // group."""
+    b, q_heads, n, d = query.shape
+    return query.view(b, kv_heads, q_heads // kv_heads, n, d)
+
+
+def window_scores(
+    query: torch.Tensor, key: torch.Tensor, window: int, scaling: float, pool_kernel: int = 7
+) -> torch.Tensor:
+    """SnapKV-style importance of every prefix token, per KV head.
+
+    Attention of the last `window` queries to all keys (causal inside the window, softmax in fp32),
+    window columns dropped, averaged over the window queries, smoothed along the sequence with an
+    average pool, then averaged over the query heads of each KV group.
+    Returns (batch, kv_heads, kv_len - window).
+    """
+    kv_len = key.shape[2]
+    q = group_queries(query[:, :, -window:], key.shape[1])
+    logits = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).float() * scaling
+    query_pos = torch.arange(kv_len - window, kv_len, device=key.device)
+    future = torch.arange(kv_len, device=key.device)[None, :] > query_pos[:, None]
+    probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+    scores = probs[..., : kv_len - window].mean(dim=-2)
+    if pool_kernel > 1:
+        lead = scores.shape[:-1]
+        scores = F.avg_pool1d(
+            scores.reshape(-1, 1, scores.shape[-1]), pool_kernel, stride=1, padding=pool_kernel // 2
+        ).view(*lead, -1)
+    return scores.mean(dim=2)
+
+
+def gather_tokens(states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Keep `indices` along the sequence axis of (batch, kv_heads, kv_len, head_dim).
+
+    indices: (batch, kv_heads, n_kept), or (batch, n_kept) shared by all heads.
+    """
+    if indices.dim() == 2:
+        indices = indices[:, None, :].expand(-1, states.shape[1], -1)
+    return states.gather(2, indices[..., None].expand(-1, -1, -1, states.shape[-1]))

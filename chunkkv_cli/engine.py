@@ -1,0 +1,147 @@
+"""Compression inside the attention path: each layer's KV is pruned right after that layer's prefill attention.
+
+Models are loaded with ``attn_implementation=ATTENTION_NAME``. The registered function runs SDPA as
+usual; while a `CompressionSession` is active and a layer sees a fresh prompt (as many queries as
+keys), it asks each target's compressor which tokens to keep and stores only those in the target's
+cache. Hidden states passed on are the uncompressed model's, and at most one layer's full KV exists
+at a time besides the compressed caches.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from chunkkv_cli.compress import Compressor
+from chunkkv_cli.compress.base import gather_tokens
+from chunkkv_cli.errors import ChunkKVError
+
+ATTENTION_NAME = "chunkkv_sdpa"
+_active: "CompressionSession | None" = None
+
+
+def bottom_right_causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Boolean mask (True = attend) for q_len new tokens appended after kv_len - q_len cached ones."""
+    rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    return torch.arange(kv_len, device=device)[None, :] <= rows
+
+
+def compressing_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA that builds its own causal mask (layer lengths may differ after compression) and compresses on prefill."""
+    if kwargs.get("sliding_window"):
+        raise ChunkKVError("models with sliding-window attention layers are not supported yet")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask = bottom_right_causal_mask(q_len, kv_len, query.device) if 1 < q_len < kv_len else None
+    output, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    if _active is not None and q_len == kv_len:
+        _active.compress_layer(module.layer_idx, query, key, value, kwargs.get("scaling") or module.scaling)
+    return output, None
+
+
+AttentionInterface.register(ATTENTION_NAME, compressing_attention)
+
+
+@dataclass
+class Target:
+    """One method's compressed cache being filled during prefill."""
+
+    compressor: Compressor
+    cache: DynamicCache
+    reuse_layers: int = 1
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)
+    record: bool = False
+    _last: torch.Tensor | None = None
+
+    def indices_for(self, layer_idx, query, key, n_layers, scaling):
+        """Score at the first layer of each reuse group; later layers of the group reuse its indices."""
+        if layer_idx % self.reuse_layers and self._last is not None:
+            return self._last.to(key.device)
+        self._last = self.compressor.select(query, key, layer_idx, n_layers, scaling)
+        return self._last
+
+
+class CompressionSession:
+    """Routes each layer's prefill KV to the targets' caches, compressed; times the compression."""
+
+    def __init__(self, work_cache: DynamicCache, targets: list[Target], n_layers: int, on_layer=None):
+        self.work_cache = work_cache
+        self.on_layer = on_layer
+        self.targets = targets
+        self.n_layers = n_layers
+        self.prompt_len = 0
+        self.full_bytes = 0
+        self._timings: list = []
+
+    def compress_layer(self, layer_idx, query, key, value, scaling):
+        self.prompt_len = key.shape[2]
+        self.full_bytes += key.numel() * key.element_size() + value.numel() * value.element_size()
+        start = self._clock(key.device)
+        for target in self.targets:
+            idx = target.indices_for(layer_idx, query, key, self.n_layers, scaling)
+            keys, values = (key, value) if idx is None else (gather_tokens(key, idx), gather_tokens(value, idx))
+            store_layer(target.cache, layer_idx, keys, values)
+            if target.record:
+                target.kept[layer_idx] = full_range(key) if idx is None else idx.detach().cpu()
+        if all(t.cache is not self.work_cache for t in self.targets):
+            drop_layer(self.work_cache, layer_idx)
+        self._timings.append((start, self._clock(key.device)))
+        if self.on_layer is not None:
+            self.on_layer(layer_idx)
+
+    @staticmethod
+    def _clock(device):
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def compress_seconds(self) -> float:
+        """Time spent choosing and gathering kept tokens, all layers together."""
+        total = 0.0
+        for start, end in self._timings:
+            if isinstance(start, float):
+                total += end - start
+            else:
+                end.synchronize()
+                total += start.elapsed_time(end) / 1000
+        return total
+
+
+def full_range(key: torch.Tensor) -> torch.Tensor:
+    return torch.arange(key.shape[2]).expand(key.shape[0], key.shape[2])
+
+
+def store_layer(cache: DynamicCache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace a cache layer's contents (a fresh layer is initialised through its own `update`)."""
+    layer = cache.layers[layer_idx]
+    if layer.keys is keys:
+        return
+    if not layer.is_initialized:
+        layer.update(keys, values)
+        return
+    layer.keys, layer.values = keys, values
+
+
+def drop_layer(cache: DynamicCache, layer_idx: int) -> None:
+    layer = cache.layers[layer_idx]
+    layer.keys = layer.keys[:, :, :0]
+    layer.values = layer.values[:, :, :0]
+
+
+@contextmanager
+def compression(session: CompressionSession):
+    """Make `session` receive every layer's prefill attention inside the block."""
+    global _active
+    if _active is not None:
+        raise RuntimeError("a compression session is already active")
+    _active = session
+    try:
+        yield session
+    finally:
+        _active = None

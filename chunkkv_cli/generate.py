@@ -1,0 +1,121 @@
+"""Prefill with compression, then decode on the compressed cache (the `hf` decoder: one forward per token)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from transformers import DynamicCache
+
+from chunkkv_cli.compress import Compressor
+from chunkkv_cli.engine import ATTENTION_NAME, CompressionSession, Target, compression
+
+
+@dataclass
+class Prefill:
+    """What prefill leaves behind: next-token logits and the timing of the pass."""
+
+    logits: torch.Tensor  # (batch, vocab) at the last prompt position
+    prompt_len: int
+    seconds: float
+    compress_seconds: float
+    full_bytes: int  # KV bytes the uncompressed cache would hold, summed over the layers as they passed
+
+
+def use_compressing_attention(model) -> None:
+    if model.config._attn_implementation != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def new_target(model, compressor: Compressor, reuse_layers: int = 1, record: bool = False) -> Target:
+    return Target(compressor, DynamicCache(config=model.config), reuse_layers=reuse_layers, record=record)
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, targets: list[Target], on_layer=None) -> Prefill:
+    """Run the prompt once; every target's cache ends up holding its compressed KV.
+
+    input_ids: (batch, prompt_len). With several targets the model works on a scratch cache
+    whose layers are freed as soon as the targets have taken their share.
+    """
+    use_compressing_attention(model)
+    work = targets[0].cache if len(targets) == 1 else DynamicCache(config=model.config)
+    session = CompressionSession(work, targets, model.config.num_hidden_layers, on_layer)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    synchronize(input_ids.device)
+    start = time.perf_counter()
+    with compression(session):
+        out = model(input_ids=input_ids, past_key_values=work, position_ids=positions, use_cache=True, logits_to_keep=1)
+    synchronize(input_ids.device)
+    seconds = time.perf_counter() - start
+    return Prefill(out.logits[:, -1].float(), input_ids.shape[1], seconds, session.compress_seconds(), session.full_bytes)
+
+
+def pick_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> torch.Tensor:
+    """Greedy when temperature is 0, else nucleus sampling. (batch, vocab) -> (batch,)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def decode(
+    model,
+    cache,
+    first_logits: torch.Tensor,
+    start_pos: int,
+    max_new_tokens: int,
+    eos_ids: Iterable[int] = (),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Generate up to `max_new_tokens` per sequence from a (compressed) cache.
+
+    New tokens get RoPE positions start_pos, start_pos + 1, ... (the uncompressed numbering), not
+    the cache length. Returns (batch, n_generated); finished sequences are padded with their EOS.
+    """
+    device = first_logits.device
+    eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
+    token = pick_token(first_logits, temperature, top_p)
+    finished = torch.zeros_like(token, dtype=torch.bool)
+    generated = []
+    for step in range(max_new_tokens):
+        token = torch.where(finished, generated[-1] if generated else token, token)
+        generated.append(token)
+        if on_token is not None:
+            on_token(token)
+        finished |= torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        position = torch.full((token.shape[0], 1), start_pos + step, device=device)
+        logits = model(input_ids=token[:, None], past_key_values=cache, position_ids=position, use_cache=True).logits
+        token = pick_token(logits[:, -1], temperature, top_p)
+    return torch.stack(generated, dim=1)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a cache's key and value tensors, as allocated."""
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+        if t is not None
+    )
+
+
+def kept_lengths(cache) -> list[int]:
+    return [layer.keys.shape[-2] if layer.keys is not None else 0 for layer in cache.layers]

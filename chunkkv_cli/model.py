@@ -1,0 +1,182 @@
+"""Loading a model and tokenizer: embedded GGUF (converted once and cached), local HF folder, or random weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.profiles import Profile, embedded_gguf_path, load_profile
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any  # None for random weights
+    profile: Profile
+    device: Any
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CHUNKKV_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chunkkv"
+    return Path(root)
+
+
+def resolve_device(device: str = "auto"):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ChunkKVError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ChunkKVError("--device cuda was asked for but no CUDA GPU is visible")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device):
+    import torch
+
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ChunkKVError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return getattr(torch, DTYPES[dtype])
+
+
+def load_model(
+    spec: str,
+    device: str = "auto",
+    dtype: str | None = None,
+    random_weights: bool = False,
+    trust_remote_code: bool = False,
+) -> Loaded:
+    """Model + tokenizer for a profile name or path, with the compressing attention installed."""
+    profile = load_profile(spec)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if random_weights or profile.weights == "none":
+        return Loaded(build_random_model(profile, torch_device, torch_dtype), None, profile, torch_device)
+    folder = weights_folder(profile)
+    model, tokenizer = _from_folder(folder, torch_device, torch_dtype, trust_remote_code)
+    return Loaded(model, tokenizer, profile, torch_device)
+
+
+def weights_folder(profile: Profile) -> Path:
+    """A Hugging Face folder with the profile's weights; GGUF files are converted once into the cache."""
+    source = embedded_gguf_path() if profile.weights == "embedded" else Path(profile.weights).expanduser()
+    if not source.exists():
+        raise ChunkKVError(f"weights for {profile.name} not found at {source}")
+    if source.is_dir():
+        return source
+    if source.suffix != ".gguf":
+        raise ChunkKVError(f"weights must be a Hugging Face folder or a .gguf file, got {source}")
+    return converted_gguf(source)
+
+
+def converted_gguf(gguf_file: Path) -> Path:
+    """Dequantise a GGUF once into safetensors under the cache dir; later loads skip the conversion."""
+    target = cache_dir() / f"{gguf_file.stem}-{gguf_file.stat().st_size}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, local_files_only=True)
+    # The weights are dequantised in memory; drop the GGUF marker so they save as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+def _from_folder(folder: Path, device, dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+    from chunkkv_cli.engine import ATTENTION_NAME
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=dtype,
+            attn_implementation=ATTENTION_NAME,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            device_map={"": device} if device.type == "cuda" else None,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ChunkKVError(f"cannot load the model in {folder}: {str(err).splitlines()[0]}") from err
+    return model.to(device).eval(), tokenizer
+
+
+def build_random_model(profile: Profile, device, dtype, **overrides):
+    """The profile's architecture with random weights, built directly on `device` (no weight files)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chunkkv_cli.engine import ATTENTION_NAME
+
+    config = profile.to_hf_config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION_NAME)
+    return model.eval()
+
+
+def measure_kv_bytes(profile: Profile, seq: int, batch: int, dtype: str, ratio=None, budget=None) -> dict:
+    """Prefill random tokens through a model with the profile's attention shape and count cache bytes.
+
+    The hidden and MLP sizes are shrunk (KV bytes depend only on layers, KV heads, head dim, length
+    and dtype), so this runs quickly; on CPU the sequence is capped at 1024 tokens.
+    """
+    import torch
+
+    from chunkkv_cli.compress import make_compressor
+    from chunkkv_cli.generate import cache_bytes, new_target, prefill
+
+    if dtype not in DTYPES:
+        raise ChunkKVError(f"--measure runs the model, so --dtype must be one of {', '.join(DTYPES)}")
+    device = resolve_device("auto")
+    measured_seq = seq if device.type == "cuda" else min(seq, 1024)
+    model = build_random_model(
+        profile, device, resolve_dtype(dtype, device), hidden_size=256, intermediate_size=256, vocab_size=256
+    )
+    ids = torch.randint(0, 256, (batch, measured_seq), device=device)
+    full, compressed = new_target(model, make_compressor("fullkv")), new_target(
+        model, make_compressor("chunkkv", ratio=ratio, budget=budget)
+    )
+    prefill(model, ids, [full, compressed])
+    note = "real attention shape, reduced hidden size" + (
+        f"; CPU: sequence capped at {measured_seq}" if measured_seq != seq else ""
+    )
+    return {
+        "device": str(device),
+        "seq": measured_seq,
+        "full_bytes": cache_bytes(full.cache),
+        "compressed_bytes": cache_bytes(compressed.cache),
+        "note": note,
+    }
