@@ -1,0 +1,141 @@
+"""`chunkkv memory`: KV-cache size by the paper's formula and for real (GQA), and what fits on a GPU."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from chunkkv_cli.commands.options import BudgetOpt, JsonOpt, ModelOpt, RatioOpt
+from chunkkv_cli.errors import ChunkKVError
+
+EXAMPLES = """[b]Examples[/b]
+
+  chunkkv memory --model llama3-8b --seq 2048
+
+  chunkkv memory --model llama3.1-8b --seq 128k --ratio 0.1 --gpu-mem 141GB
+
+  chunkkv memory --model qwen2.5-7b --seq 32k --budget 1024 --batch 8 --json
+
+  chunkkv memory --model smollm2-135m --seq 4k --measure
+"""
+
+
+class DType(str, Enum):
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+    fp8 = "fp8"
+
+
+def memory(
+    model: ModelOpt = "llama3-8b",
+    seq: Annotated[str, typer.Option("--seq", "-s", help="Prompt length in tokens: 2048, 32k, 128k, 1M.")] = "32k",
+    batch: Annotated[int, typer.Option("--batch", help="Sequences decoded together.")] = 1,
+    ratio: RatioOpt = None,
+    budget: BudgetOpt = None,
+    dtype: Annotated[DType, typer.Option("--dtype", help="Bytes per cached value and per weight.")] = DType.fp16,
+    gpu_mem: Annotated[
+        str, typer.Option("--gpu-mem", help="GPU memory: 80GB (10^9 bytes), 80GiB (2^30 bytes), 141G.")
+    ] = "80GB",
+    measure: Annotated[
+        bool, typer.Option("--measure", help="Also build the cache for real (random weights) and count its bytes.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """KV-cache memory: the ChunkKV paper's formula, the real GQA size, the compressed size, what fits on a GPU."""
+    from chunkkv_cli.memory import memory_report
+    from chunkkv_cli.profiles import load_profile
+
+    if batch < 1:
+        raise ChunkKVError(f"--batch must be a positive number of sequences, got {batch}")
+    profile = load_profile(model)
+    report = memory_report(profile, seq, batch, ratio, budget, dtype.value, gpu_mem)
+    if measure:
+        report["measured"] = measure_cache(profile, report)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        print_report(report, gpu_mem)
+
+
+def measure_cache(profile, report: dict) -> dict:
+    """Prefill a random-weight model of the profile's attention shape and count the cache bytes."""
+    try:
+        from chunkkv_cli.model import measure_kv_bytes
+    except ModuleNotFoundError as err:
+        raise ChunkKVError(f"--measure is unavailable: {err}", exit_code=1) from None
+    return measure_kv_bytes(
+        profile, report["seq"], report["batch"], report["dtype"], ratio=report["ratio"], budget=report["budget"]
+    )
+
+
+def print_report(report: dict, gpu_mem: str) -> None:
+    from chunkkv_cli.memory import human_bytes
+
+    console = Console()
+    heads, kv_heads, dtype = report["num_attention_heads"], report["num_kv_heads"], report["dtype"]
+    rule = f"ratio {report['ratio']}" if report["budget"] is None else f"budget {report['budget']}"
+    sizes = Table(title=f"{report['model']} KV cache: {report['seq']:,} tokens x batch {report['batch']}, {dtype}")
+    for column, justify in (("quantity", "left"), ("bytes", "right"), ("size", "right")):
+        sizes.add_column(column, justify=justify)
+    rows = [
+        (f"paper Eq. 1 ({heads} heads, fp16)", report["paper_bytes"]),
+        (f"stored ({kv_heads} KV heads, {dtype})", report["gqa_bytes"]),
+        (f"compressed ({rule}: {report['kept_tokens']:,} tokens)", report["compressed_bytes"]),
+        (f"saved ({report['saved_fraction']:.1%})", report["saved_bytes"]),
+        ("compressed, prefill peak", report["compressed_peak_bytes"]),
+        (f"weights ({report['param_count'] / 1e9:.2f} B params)", report["weight_bytes"]),
+    ]
+    measured = report.get("measured")
+    if measured:
+        where = f"{measured['device']}, {measured['seq']:,} tokens"
+        rows += [
+            (f"measured full ({where})", measured["full_bytes"]),
+            (f"measured compressed ({where})", measured["compressed_bytes"]),
+        ]
+    for label, n_bytes in rows:
+        sizes.add_row(label, f"{n_bytes:,}", human_bytes(n_bytes))
+    console.print(sizes)
+    console.print(fits_table(report, gpu_mem))
+    for line in explanation(report):
+        console.print(line, highlight=False)
+    if measured:
+        console.print(f"Measured: {measured['note']}.", highlight=False)
+
+
+def explanation(report: dict) -> list[str]:
+    lines = [
+        report["why_paper_differs"],
+        "Compressed limits count the prefill peak: earlier layers already compressed, one layer at full length.",
+    ]
+    context = report["max_context"]
+    if max(report["seq"], report["max_seq_full"], report["max_seq_compressed"]) > context:
+        lines.append(f"* beyond {report['model']}'s {context:,}-token context.")
+    return lines
+
+
+def fits_table(report: dict, gpu_mem: str) -> Table:
+    fits = Table(title=f"What fits in {gpu_mem} (weights included, activations not)")
+    for column in ("limit", "full cache", "compressed"):
+        fits.add_column(column, justify="left" if column == "limit" else "right")
+    fits.add_row(
+        f"batch at {tokens_within_context(report['seq'], report['max_context'])} tokens",
+        f"{report['max_batch_full']:,}",
+        f"{report['max_batch_compressed']:,}",
+    )
+    fits.add_row(
+        f"prompt tokens at batch {report['batch']}",
+        tokens_within_context(report["max_seq_full"], report["max_context"]),
+        tokens_within_context(report["max_seq_compressed"], report["max_context"]),
+    )
+    return fits
+
+
+def tokens_within_context(n_tokens: int, max_context: int) -> str:
+    """'487,819*' when the length lies beyond the model's context."""
+    return f"{n_tokens:,}" + ("*" if n_tokens > max_context else "")

