@@ -69,12 +69,13 @@ def _root(
 
 
 def _register() -> None:
-    from chunkkv_cli.commands import ask, memory, profiles
+    from chunkkv_cli.commands import ask, bench, memory, profiles
 
     for name, fn, epilog in [
         ("memory", memory.memory, memory.EXAMPLES),
         ("profiles", profiles.profiles, None),
         ("ask", ask.ask, ask.EXAMPLES),
+        ("bench", bench.bench, bench.EXAMPLES),
     ]:
         app.command(name, epilog=epilog)(friendly_errors(fn))
 

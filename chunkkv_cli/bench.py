@@ -1,0 +1,295 @@
+"""Timing harness: prefill (TTFT), compression, decode and memory, with and without layer-wise index reuse."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from chunkkv_cli.compress import make_compressor
+from chunkkv_cli.generate import cache_bytes, decode, new_target, prefill, synchronize
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of a bench table."""
+
+    method: str
+    reuse_layers: int
+    batch: int | str  # an int, or "max": the largest batch that fits
+    seq: int
+
+    @property
+    def label(self) -> str:
+        reuse = f", reuse {self.reuse_layers}" if self.method != "fullkv" else ""
+        return f"{self.method}{reuse}"
+
+
+def plan_cases(method: str, seqs: list[int], reuse: list[int], batches: list) -> list[Case]:
+    """For every length and batch: the fullkv baseline, the no-reuse row, then each reuse row."""
+    reuse_rows = [1] + sorted({r for r in reuse if r != 1})
+    cases = []
+    for seq in seqs:
+        for batch in batches:
+            cases.append(Case("fullkv", 1, batch, seq))
+            if method != "fullkv":
+                cases += [Case(method, r, batch, seq) for r in reuse_rows]
+    return cases
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.date.today().isoformat(),
+        "host_cpus": torch.get_num_threads(),
+    }
+
+
+class PeakMemory:
+    """Peak GPU memory allocated inside a `with` block (None on CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+
+
+def random_prompt(model, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen)
+    return ids.to(next(model.parameters()).device)
+
+
+def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, replicate: int = 1) -> dict:
+    """One prefill, then `decode_tokens` decode steps; `replicate` copies the cache to a larger batch first."""
+    device = ids.device
+    target = new_target(model, compressor, reuse_layers)
+    with PeakMemory(device) as prefill_mem:
+        pre = prefill(model, ids, [target])
+    if replicate > 1:
+        for layer in target.cache.layers:
+            layer.batch_repeat_interleave(replicate)
+        pre.logits = pre.logits.repeat_interleave(replicate, dim=0)
+    kv_bytes = cache_bytes(target.cache)
+    with PeakMemory(device) as decode_mem:
+        synchronize(device)
+        start = time.perf_counter()
+        decode(model, target.cache, pre.logits, ids.shape[1], decode_tokens + 1)
+        synchronize(device)
+        decode_seconds = time.perf_counter() - start
+    batch = ids.shape[0] * replicate
+    return {
+        "prefill_s": pre.seconds,
+        "compress_s": pre.compress_seconds,
+        "decode_ms_per_token": 1000 * decode_seconds / decode_tokens,
+        "decode_tokens_per_s": batch * decode_tokens / decode_seconds,
+        "e2e_s": pre.seconds + decode_seconds,
+        "e2e_tokens_per_s": batch * decode_tokens / (pre.seconds + decode_seconds),
+        "peak_prefill_bytes": prefill_mem.peak,
+        "peak_decode_bytes": decode_mem.peak,
+        "kv_bytes": kv_bytes,
+        "full_kv_bytes": pre.full_bytes * replicate,
+    }
+
+
+def median_of(runs: list[dict]) -> dict:
+    keys = runs[0].keys()
+    return {k: (statistics.median(r[k] for r in runs) if runs[0][k] is not None else None) for k in keys}
+
+
+def measure_case(model, case: Case, ratio, budget, window, chunk_size, decode_tokens, repeats, replicate=1) -> dict:
+    """Median over `repeats` runs after one warm-up run."""
+    compressor = make_compressor(case.method, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
+    batch = 1 if replicate > 1 else case.batch
+    ids = random_prompt(model, batch, case.seq)
+    measure_once(model, ids, compressor, case.reuse_layers, min(decode_tokens, 4), replicate)
+    runs = [measure_once(model, ids, compressor, case.reuse_layers, decode_tokens, replicate) for _ in range(repeats)]
+    result = median_of(runs)
+    result["kept_tokens"] = compressor.kept_tokens(case.seq)
+    return result
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def replicated(model, cache, batch: int):
+    """A new cache holding `batch` copies of a one-sequence cache."""
+    from transformers import DynamicCache
+
+    from chunkkv_cli.engine import store_layer
+
+    copy = DynamicCache(config=model.config)
+    for idx, layer in enumerate(cache.layers):
+        store_layer(copy, idx, layer.keys.repeat_interleave(batch, 0), layer.values.repeat_interleave(batch, 0))
+    return copy
+
+
+def decode_fits(model, cache, logits, seq: int, batch: int, steps: int) -> bool:
+    """Whether `batch` copies of `cache` can decode `steps` tokens without running out of memory."""
+    big = None
+    try:
+        big = replicated(model, cache, batch)
+        decode(model, big, logits.repeat_interleave(batch, 0), seq, steps + 1)
+        return True
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        return False
+    finally:
+        del big
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def find_max_batch(model, case: Case, compressor_args: dict, steps: int, limit: int) -> int:
+    """Largest batch of `case.seq`-token sequences whose caches decode `steps` tokens together.
+
+    One sequence is prefilled (and compressed); its cache is replicated for each candidate batch.
+    """
+    compressor = make_compressor(case.method, **compressor_args)
+    target = new_target(model, compressor, case.reuse_layers)
+    pre = prefill(model, random_prompt(model, 1, case.seq), [target])
+    try:
+        return search_max_batch(lambda b: decode_fits(model, target.cache, pre.logits, case.seq, b, steps), limit)
+    finally:
+        del target
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def search_max_batch(try_batch: Callable[[int], bool], limit: int = 4096) -> int:
+    """Largest batch for which `try_batch` succeeds: doubling, then bisection. 0 if even 1 fails."""
+    if not try_batch(1):
+        return 0
+    good, bad = 1, None
+    while bad is None and good < limit:
+        candidate = min(good * 2, limit)
+        if try_batch(candidate):
+            good = candidate
+        else:
+            bad = candidate
+    if bad is None:
+        return good
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if try_batch(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row against the fullkv row and the no-reuse row of the same length and batch kind."""
+    for row in rows:
+        same = [r for r in rows if r["seq"] == row["seq"] and r["batch_kind"] == row["batch_kind"]]
+        full = next((r for r in same if r["method"] == "fullkv"), None)
+        no_reuse = next((r for r in same if r["method"] == row["method"] and r["reuse_layers"] == 1), None)
+        row["vs_fullkv"] = _ratios(row, full)
+        row["vs_no_reuse"] = _ratios(row, no_reuse) if row["method"] != "fullkv" else None
+
+
+def _ratios(row: dict, base: dict | None) -> dict | None:
+    if base is None:
+        return None
+    return {
+        "prefill": row["prefill_s"] / base["prefill_s"],
+        "decode_ms_per_token": row["decode_ms_per_token"] / base["decode_ms_per_token"],
+        "decode_tokens_per_s": row["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+        "e2e_latency": row["e2e_s"] / base["e2e_s"],
+        "e2e_throughput": row["e2e_tokens_per_s"] / base["e2e_tokens_per_s"],
+        "kv_bytes": row["kv_bytes"] / base["kv_bytes"],
+        "batch": (row["batch"] / base["batch"]) if base["batch"] else None,
+    }
+
+
+def run_bench(
+    model,
+    cases: list[Case],
+    compressor_args: dict,
+    decode_tokens: int,
+    repeats: int,
+    max_batch_limit: int = 4096,
+    on_case: Callable[[Case], None] | None = None,
+) -> list[dict]:
+    """Measure every case; rows carry medians and ratios to their fullkv and no-reuse rows."""
+    rows, found = [], {}
+    for case in cases:
+        if on_case is not None:
+            on_case(case)
+        batch, replicate = case.batch, 1
+        if case.batch == "max":
+            key = (case.method, case.seq)  # reuse does not change the cache size: search once per method
+            if key not in found:
+                found[key] = find_max_batch(model, case, compressor_args, min(decode_tokens, 32), max_batch_limit)
+            batch = replicate = found[key]
+        row = {"method": case.method, "reuse_layers": case.reuse_layers, "seq": case.seq, "batch": batch,
+               "batch_kind": "max" if case.batch == "max" else "fixed"}
+        if batch:
+            row.update(measure_with_fallback(model, case, compressor_args, decode_tokens, repeats, replicate))
+            row["batch"] = row.pop("batch_used", batch)
+        rows.append(row)
+    add_ratios([r for r in rows if "prefill_s" in r])
+    return rows
+
+
+def measure_with_fallback(model, case, compressor_args, decode_tokens, repeats, replicate) -> dict:
+    """Measure; at a searched batch, step down 5 % at a time if the longer timed decode runs out of memory."""
+    while True:
+        try:
+            result = measure_case(model, case, **compressor_args, decode_tokens=decode_tokens, repeats=repeats,
+                                  replicate=replicate)
+            result["batch_used"] = replicate if case.batch == "max" else case.batch
+            return result
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err) or replicate <= 1:
+                raise
+            replicate = max(1, int(replicate * 0.95))
+            torch.cuda.empty_cache()
+
+
+def plot_report(report: dict, path) -> None:
+    """End-to-end latency and decode throughput against reuse group size, one line per prompt length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if "prefill_s" in r and r["batch_kind"] == "fixed"]
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(10, 4))
+    for seq in sorted({r["seq"] for r in rows}):
+        method_rows = sorted((r for r in rows if r["seq"] == seq and r["method"] != "fullkv"), key=lambda r: r["reuse_layers"])
+        full = next((r for r in rows if r["seq"] == seq and r["method"] == "fullkv"), None)
+        reuse = [r["reuse_layers"] for r in method_rows]
+        line = lat.plot(reuse, [r["e2e_s"] for r in method_rows], marker="o", label=f"{seq} tokens")[0]
+        thr.plot(reuse, [r["e2e_tokens_per_s"] for r in method_rows], marker="o", color=line.get_color())
+        if full:
+            lat.axhline(full["e2e_s"], color=line.get_color(), linestyle="--", linewidth=1)
+            thr.axhline(full["e2e_tokens_per_s"], color=line.get_color(), linestyle="--", linewidth=1)
+    method = report["settings"]["method"]
+    lat.set(title=f"{method}: end-to-end latency (dashed: fullkv)", xlabel="reuse layers", ylabel="seconds")
+    thr.set(title="throughput (generated tokens / end-to-end s)", xlabel="reuse layers", ylabel="tokens/s")
+    lat.legend()
+    fig.suptitle(f"{report['model']} on {report['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

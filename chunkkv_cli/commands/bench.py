@@ -1,0 +1,183 @@
+"""`chunkkv bench`: prefill, compression, decode and memory, with and without layer-wise index reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from chunkkv_cli.commands.options import BudgetOpt, ChunkSizeOpt, DeviceOpt, JsonOpt, RatioOpt, WindowOpt
+from chunkkv_cli.errors import ChunkKVError
+
+EXAMPLES = """[b]Examples[/b]
+
+  chunkkv bench --reuse-layers 2                         (GPU: llama3-8b shape at 8k and 32k, random weights)
+
+  chunkkv bench --model qwen2.5-7b --seq 32k --reuse-layers 1,2,4 --batch 1,max --json > qwen.json
+
+  chunkkv bench --seq 8k --decode-tokens 1024 --plot reuse.png   (the paper's end-to-end shape)
+"""
+
+GPU_DEFAULTS = {"model": "llama3-8b", "seq": "8k,32k", "decode_tokens": 128, "repeats": 3}
+CPU_DEFAULTS = {"model": "smollm2-135m", "seq": "2k", "decode_tokens": 32, "repeats": 2}
+
+
+def bench(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Profile or path [default: llama3-8b on GPU, smollm2-135m on CPU].")] = None,
+    seq: Annotated[Optional[str], typer.Option(help="Prompt lengths, comma-separated (e.g. 8k,32k) [default: 8k,32k on GPU, 2k on CPU].")] = None,
+    method: Annotated[str, typer.Option(help="Compression method compared with fullkv.")] = "chunkkv",
+    ratio: RatioOpt = None,
+    budget: BudgetOpt = None,
+    reuse_layers: Annotated[str, typer.Option(help="Reuse group sizes to time, comma-separated; 1 (no reuse) is always added.")] = "2",
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated; 'max' searches the largest that fits.")] = "1",
+    decode_tokens: Annotated[Optional[int], typer.Option(help="Decode steps timed [default: 128 on GPU, 32 on CPU].")] = None,
+    repeats: Annotated[Optional[int], typer.Option(help="Timed runs per row (median reported), after one warm-up.")] = None,
+    random_weights: Annotated[bool, typer.Option(help="Random weights of the profile's shape (default when it has no weights).")] = False,
+    window: WindowOpt = 32,
+    chunk_size: ChunkSizeOpt = 10,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32 [default: bf16 on GPU, fp32 on CPU].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the JSON results to this file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw latency and throughput vs reuse layers to this PNG.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Time prefill (TTFT), compression, decode and peak memory for fullkv vs a method, with and without index reuse."""
+    from chunkkv_cli.bench import environment, plan_cases, run_bench
+    from chunkkv_cli.compress import METHODS, make_compressor
+    from chunkkv_cli.model import load_model, resolve_device
+
+    torch_device = resolve_device(device)
+    defaults = GPU_DEFAULTS if torch_device.type == "cuda" else CPU_DEFAULTS
+    if method not in METHODS:
+        raise ChunkKVError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    seqs = _sizes(seq or defaults["seq"])
+    reuse = _ints(reuse_layers, "--reuse-layers")
+    batches = _batches(batch)
+    decode_tokens = decode_tokens or defaults["decode_tokens"]
+    repeats = repeats or defaults["repeats"]
+    if decode_tokens < 1 or repeats < 1:
+        raise ChunkKVError("--decode-tokens and --repeats must be at least 1")
+    compressor_args = {"ratio": ratio, "budget": budget, "window": window, "chunk_size": chunk_size}
+    make_compressor(method, **compressor_args)  # validate before loading anything
+    err = Console(stderr=True)
+    if torch_device.type == "cpu":
+        err.print("[yellow]no GPU: timing on the CPU at small lengths; GPU figures need a CUDA device[/]")
+    loaded = load_model(model or defaults["model"], str(torch_device), dtype, random_weights=random_weights)
+    _check_lengths(seqs, loaded.profile)
+    cases = plan_cases(method, seqs, reuse, batches)
+    with err.status("") as status:
+        rows = run_bench(
+            loaded.model, cases, compressor_args, decode_tokens, repeats,
+            on_case=lambda c: status.update(f"[{cases.index(c) + 1}/{len(cases)}] {c.label} · {c.seq} tokens · batch {c.batch}"),
+        )
+    report = {
+        "environment": environment(torch_device),
+        "model": loaded.profile.name,
+        "random_weights": loaded.tokenizer is None,
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "settings": {"method": method, **compressor_args, "decode_tokens": decode_tokens, "repeats": repeats},
+        "rows": rows,
+    }
+    if out:
+        out.write_text(json.dumps(report, indent=2))
+    if plot:
+        from chunkkv_cli.bench import plot_report
+
+        plot_report(report, plot)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    _render(Console(), report)
+
+
+def _sizes(text: str) -> list[int]:
+    from chunkkv_cli.memory import parse_size
+
+    return [parse_size(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ChunkKVError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ChunkKVError(f"{flag} values must be at least 1, got {text!r}")
+    return values
+
+
+def _batches(text: str) -> list:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    numbers = [p for p in parts if p != "max"]
+    batches: list = _ints(",".join(numbers), "--batch") if numbers else []
+    if "max" in parts:
+        batches.append("max")
+    if not batches:
+        raise ChunkKVError(f"--batch takes sizes and/or 'max', got {text!r}")
+    return batches
+
+
+def _check_lengths(seqs: list[int], profile) -> None:
+    too_long = [s for s in seqs if s > profile.max_context]
+    if too_long:
+        raise ChunkKVError(
+            f"--seq {too_long[0]} is longer than {profile.name}'s context of {profile.max_context} tokens"
+        )
+
+
+def _render(console: Console, report: dict) -> None:
+    env = report["environment"]
+    console.print(
+        f"[b]{report['model']}[/b] ({'random weights, ' if report['random_weights'] else ''}{report['dtype']}) on "
+        f"{env['device']} · torch {env['torch']} · transformers {env['transformers']}"
+    )
+    groups = {}
+    for row in report["rows"]:
+        groups.setdefault((row["seq"], row["batch_kind"]), []).append(row)
+    for (seq, kind), rows in groups.items():
+        console.print(_table(seq, kind, rows))
+
+
+def _table(seq: int, kind: str, rows: list[dict]) -> Table:
+    title = f"{seq:,} tokens · {'largest batch that fits' if kind == 'max' else 'fixed batch'}"
+    table = Table(title=title, title_justify="left")
+    for name in ("method", "batch", "prefill s", "compress ms", "decode ms/tok", "tok/s", "end-to-end s",
+                 "peak prefill", "peak decode", "KV", "vs fullkv", "vs no reuse"):
+        table.add_column(name, justify="left" if name == "method" else "right")
+    for r in rows:
+        if "prefill_s" not in r:
+            table.add_row(_label(r), "0", *["—"] * 10)
+            continue
+        table.add_row(
+            _label(r),
+            str(r["batch"]),
+            f"{r['prefill_s']:.3f}",
+            f"{1000 * r['compress_s']:.1f} ({r['compress_s'] / r['prefill_s']:.1%})",
+            f"{r['decode_ms_per_token']:.2f}",
+            f"{r['decode_tokens_per_s']:.0f}",
+            f"{r['e2e_s']:.2f}",
+            _gib(r["peak_prefill_bytes"]),
+            _gib(r["peak_decode_bytes"]),
+            _gib(r["kv_bytes"]),
+            _versus(r["vs_fullkv"]) if r["method"] != "fullkv" else "—",
+            _versus(r["vs_no_reuse"]) if r["reuse_layers"] > 1 else "—",
+        )
+    return table
+
+
+def _label(row: dict) -> str:
+    return row["method"] + (f" reuse {row['reuse_layers']}" if row["method"] != "fullkv" else "")
+
+
+def _versus(ratios: dict | None) -> str:
+    if not ratios:
+        return "—"
+    return f"TTFT ×{ratios['prefill']:.3f} · e2e ×{ratios['e2e_latency']:.3f} · tok/s ×{ratios['decode_tokens_per_s']:.2f}"
+
+
+def _gib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
