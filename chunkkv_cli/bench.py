@@ -120,9 +120,10 @@ def measure_case(model, case: Case, ratio, budget, window, chunk_size, decode_to
     compressor = make_compressor(case.method, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
     batch = 1 if replicate > 1 else case.batch
     ids = random_prompt(model, batch, case.seq)
-    measure_once(model, ids, compressor, case.reuse_layers, min(decode_tokens, 4), replicate)
+    measure_once(model, ids, compressor, case.reuse_layers, decode_tokens, replicate)
     runs = [measure_once(model, ids, compressor, case.reuse_layers, decode_tokens, replicate) for _ in range(repeats)]
     result = median_of(runs)
+    result["runs"] = {k: [r[k] for r in runs] for k in ("prefill_s", "compress_s", "decode_ms_per_token")}
     result["kept_tokens"] = compressor.kept_tokens(case.seq)
     return result
 

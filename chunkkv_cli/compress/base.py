@@ -95,23 +95,25 @@ def window_scores(
 ) -> torch.Tensor:
     """SnapKV-style importance of every prefix token, per KV head.
 
-    Attention of the last `window` queries to all keys (causal inside the window, softmax in fp32),
+    Attention of the last `window` queries to all keys (causal inside the window, softmax accumulated in fp32),
     window columns dropped, averaged over the window queries, smoothed along the sequence with an
     average pool, then averaged over the query heads of each KV group.
     Returns (batch, kv_heads, kv_len - window).
     """
-    kv_len = key.shape[2]
-    q = group_queries(query[:, :, -window:], key.shape[1])
-    logits = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).float() * scaling
-    query_pos = torch.arange(kv_len - window, kv_len, device=key.device)
-    future = torch.arange(kv_len, device=key.device)[None, :] > query_pos[:, None]
-    probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
-    scores = probs[..., : kv_len - window].mean(dim=-2)
+    b, kv_heads, kv_len, dim = key.shape
+    groups = query.shape[1] // kv_heads
+    # (b, kv_heads, groups * window, d) @ (b, kv_heads, d, kv_len): one batched matmul, no broadcast copy of the keys.
+    q = group_queries(query[:, :, -window:] * scaling, kv_heads).reshape(b, kv_heads, groups * window, dim)
+    logits = torch.matmul(q, key.transpose(-1, -2)).view(b, kv_heads, groups, window, kv_len)
+    future = torch.ones(window, window, dtype=torch.bool, device=key.device).triu(1)
+    logits[..., kv_len - window :].masked_fill_(future, float("-inf"))
+    # Softmax accumulates in fp32 internally; storing probabilities in the model dtype halves the traffic.
+    probs = torch.softmax(logits, dim=-1)
+    scores = probs[..., : kv_len - window].mean(dim=-2, dtype=torch.float32)
     if pool_kernel > 1:
-        lead = scores.shape[:-1]
         scores = F.avg_pool1d(
-            scores.reshape(-1, 1, scores.shape[-1]), pool_kernel, stride=1, padding=pool_kernel // 2
-        ).view(*lead, -1)
+            scores.reshape(-1, 1, kv_len - window), pool_kernel, stride=1, padding=pool_kernel // 2
+        ).view(b, kv_heads, groups, -1)
     return scores.mean(dim=2)
 
 

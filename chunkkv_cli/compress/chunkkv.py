@@ -38,9 +38,19 @@ def keep_top_chunks(token_scores: torch.Tensor, chunk_size: int, n_keep: int) ->
     take = torch.empty_like(take_sorted).scatter_(-1, order, take_sorted)
     positions = torch.arange(n, device=scores.device)
     keep = (positions % chunk_size) < take[:, positions // chunk_size]
-    # Sort kept positions first while preserving order; exactly n_keep are kept in every row.
-    rank = torch.where(keep, positions, positions + n)
-    return rank.sort(dim=-1).values[:, :n_keep]
+    return compact(keep, n_keep)
+
+
+def compact(keep: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Positions of the True entries of each row, in order; every row has exactly `n_keep` of them.
+
+    A cumulative-sum scatter: linear time and no host sync (unlike nonzero) or sort.
+    """
+    b, n = keep.shape
+    slot = torch.where(keep, keep.cumsum(-1) - 1, n_keep)  # dropped positions land in a spare last column
+    out = torch.empty(b, n_keep + 1, dtype=torch.long, device=keep.device)
+    out.scatter_(1, slot, torch.arange(n, device=keep.device).expand(b, n))
+    return out[:, :n_keep]
 
 
 @dataclass
