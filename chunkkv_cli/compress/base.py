@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from chunkkv_cli.compress.graphs import GraphedSelection
 from chunkkv_cli.errors import ChunkKVError
 
 
@@ -31,6 +32,10 @@ class Compressor:
 
     name: ClassVar[str] = "base"
     compresses: ClassVar[bool] = True
+    # Selection reads only the window's queries and the keys, with one budget for every layer:
+    # it can then be captured once per prompt as a CUDA graph and replayed by the other layers.
+    graphable: ClassVar[bool] = False
+    _graphs: GraphedSelection = field(default_factory=GraphedSelection, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.ratio is not None and not 0 < self.ratio <= 1:
@@ -62,7 +67,10 @@ class Compressor:
         if n_kept >= kv_len:
             return None
         window = min(self.window, n_kept)
-        return self.select_tokens(query, key, n_kept, window, scaling)
+        if not self.graphable:
+            return self.select_tokens(query, key, n_kept, window, scaling)
+        run = lambda q, k: self.select_tokens(q, k, n_kept, window, scaling)  # noqa: E731
+        return self._graphs(run, (n_kept, window, scaling), query[:, :, -window:], key)
 
     def select_tokens(self, query, key, n_kept: int, window: int, scaling: float) -> torch.Tensor:
         raise NotImplementedError

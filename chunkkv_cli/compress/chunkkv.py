@@ -74,6 +74,7 @@ class ChunkKV(Compressor):
     pool_kernel: int = 7
 
     name: ClassVar[str] = "chunkkv"
+    graphable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,6 +22,7 @@ class PyramidKV(SnapKV):
     beta: float = 20.0
 
     name: ClassVar[str] = "pyramidkv"
+    graphable: ClassVar[bool] = False  # a different budget at every layer: nothing to replay
 
     def layer_budget(self, kv_len: int, layer_idx: int, n_layers: int) -> int:
         uniform = self.kept_tokens(kv_len)

@@ -22,6 +22,7 @@ class SnapKV(Compressor):
     pool_kernel: int = 7
 
     name: ClassVar[str] = "snapkv"
+    graphable: ClassVar[bool] = True
 
     def select_tokens(self, query, key, n_kept, window, scaling):
         scores = window_scores(query, key, window, scaling, self.pool_kernel)

@@ -1,0 +1,39 @@
+"""CUDA-only checks (skipped without a GPU): graphed selection and the engine on the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chunkkv_cli.compress import make_compressor
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("method", ["chunkkv", "snapkv"])
+@pytest.mark.parametrize("length", [515, 2048])
+def test_graph_replay_selects_what_eager_selects(method, length, monkeypatch):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    comp = make_compressor(method, ratio=0.1, window=16)
+    for layer in range(3):  # first call captures, later calls replay with new inputs
+        query = torch.randn(2, 8, length, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        key = torch.randn(2, 2, length, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        graphed = comp.select(query, key, layer, 3, 0.125)
+        monkeypatch.setenv("CHUNKKV_NO_CUDA_GRAPHS", "1")
+        eager = comp.select(query, key, layer, 3, 0.125)
+        monkeypatch.delenv("CHUNKKV_NO_CUDA_GRAPHS")
+        assert torch.equal(graphed, eager)
+
+
+def test_fullkv_budget_reproduces_generate_on_cuda():
+    from tests.conftest import tiny_model
+
+    from chunkkv_cli.generate import decode, new_target, prefill
+
+    model = tiny_model().cuda()
+    ref = tiny_model("sdpa").cuda()
+    prompt = torch.randint(0, 128, (2, 300), device="cuda")
+    expected = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)[:, 300:]
+    target = new_target(model, make_compressor("chunkkv", budget=10_000))
+    pre = prefill(model, prompt, [target])
+    assert torch.equal(decode(model, target.cache, pre.logits, 300, 8), expected)
