@@ -29,8 +29,7 @@ def keep_top_chunks(token_scores: torch.Tensor, chunk_size: int, n_keep: int) ->
     b, n = token_scores.shape
     scores = chunk_scores(token_scores, chunk_size)
     n_chunks = scores.shape[-1]
-    sizes = torch.full((n_chunks,), chunk_size, device=scores.device)
-    sizes[-1] = n - chunk_size * (n_chunks - 1)
+    sizes = (n - chunk_size * torch.arange(n_chunks, device=scores.device)).clamp(max=chunk_size)
     order = scores.argsort(dim=-1, descending=True)
     sorted_sizes = sizes[order]
     taken_before = sorted_sizes.cumsum(-1) - sorted_sizes
