@@ -70,12 +70,14 @@ def _root(
 
 def _register() -> None:
     from chunkkv_cli.commands import ask, bench, memory, profiles
+    from chunkkv_cli.commands import eval as eval_cmd
 
     for name, fn, epilog in [
         ("memory", memory.memory, memory.EXAMPLES),
         ("profiles", profiles.profiles, None),
         ("ask", ask.ask, ask.EXAMPLES),
         ("bench", bench.bench, bench.EXAMPLES),
+        ("eval", eval_cmd.eval_command, eval_cmd.EXAMPLES),
     ]:
         app.command(name, epilog=epilog)(friendly_errors(fn))
 

@@ -1,0 +1,413 @@
+"""The evaluation grid: one prefill per sample feeds every (method, ratio); finished points are kept for resume.
+
+Records, one JSON line per finished (task, sample, method, ratio), are appended to
+``OUT/records.jsonl`` as they finish; a rerun with the same ``--out`` skips the keys already there.
+``OUT/settings.json`` holds the settings that change results (model, window, data, ...): a rerun
+with different ones is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from chunkkv_cli.compress.h2o import H2O, accumulated_attention
+from chunkkv_cli.compress.base import keep_top
+from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.eval import scoring
+from chunkkv_cli.eval.data import Sample
+
+RECORDS_FILE = "records.jsonl"
+SETTINGS_FILE = "settings.json"
+RESULTS_FILE = "results.json"
+METRIC_NAMES = {
+    "needle": "needle found (%)",
+    "longqa": "token F1 (%)",
+    "manyshot": "final number correct (%)",
+    "similarity": "adjacent-layer Jaccard of kept indices (%)",
+}
+
+
+@dataclass
+class Settings:
+    """One eval run: the grid axes and everything that changes the results."""
+
+    task: str
+    model: str
+    methods: list[str]
+    ratios: list[float]
+    window: int = 32
+    chunk_size: int = 10
+    reuse_layers: int = 1
+    max_new_tokens: int = 24
+    source: dict = field(default_factory=dict)  # where the samples come from: files, needle, seed
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the records already in --out (grid axes may change)."""
+        keep = ("task", "model", "window", "chunk_size", "reuse_layers", "max_new_tokens", "source")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One cell of the grid; fullkv has a single point at ratio 1."""
+
+    method: str
+    ratio: float
+
+    @property
+    def label(self) -> str:
+        return ratio_label(self.ratio)
+
+
+def ratio_label(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+def grid_points(methods: Iterable[str], ratios: Iterable[float]) -> list[Point]:
+    ratios = list(ratios)
+    points = []
+    for method in methods:
+        points.extend([Point(method, 1.0)] if method == "fullkv" else [Point(method, r) for r in ratios])
+    return points
+
+
+def record_key(task: str, sample_id: str, method: str, ratio: float | str) -> tuple[str, str, str, str]:
+    label = ratio if isinstance(ratio, str) else ratio_label(ratio)
+    return (task, str(sample_id), method, label)
+
+
+class RecordStore:
+    """`records.jsonl`: finished grid points, appended one line at a time (a torn last line is dropped)."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / RECORDS_FILE
+        self.records: dict[tuple, dict] = {}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                self.records[self.key(record)] = record
+            except (json.JSONDecodeError, KeyError, TypeError):
+                if line_no == len(lines):
+                    continue  # an interrupted write; that point simply runs again
+                raise ChunkKVError(f"{self.path}:{line_no}: not a record; delete the line or use another --out") from None
+
+    @staticmethod
+    def key(record: dict) -> tuple:
+        return record_key(record["task"], record["sample"], record["method"], record["ratio"])
+
+    def has(self, key: tuple) -> bool:
+        return key in self.records
+
+    def add(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+        self.records[self.key(record)] = record
+
+
+def check_settings(out: Path, settings: Settings) -> None:
+    """Refuse to resume into an --out whose records came from different settings; write them when new."""
+    path = Path(out) / SETTINGS_FILE
+    mine = settings.identity()
+    if path.exists():
+        theirs = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in mine if theirs.get(k) != mine[k])
+        if changed:
+            raise ChunkKVError(
+                f"{out} holds a run with different {', '.join(changed)}; "
+                "use another --out, or delete it to start over"
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(mine, indent=2) + "\n", encoding="utf-8")
+
+
+def run_grid(
+    model,
+    tokenizer,
+    samples: list[Sample],
+    settings: Settings,
+    out: Path,
+    on_sample: Callable[[int, Sample, float | None], None] | None = None,
+) -> RecordStore:
+    """Evaluate every sample at every grid point not already in --out; returns the record store.
+
+    on_sample(index, sample, seconds) runs after each sample; seconds is None when it was skipped.
+    """
+    check_settings(out, settings)
+    store = RecordStore(out)
+    points = grid_points(settings.methods, settings.ratios)
+    for index, sample in enumerate(samples):
+        todo = [p for p in points if not store.has(record_key(settings.task, sample.id, p.method, p.ratio))]
+        start = time.perf_counter()
+        for record in evaluate_sample(model, tokenizer, sample, todo, settings):
+            store.add(record)
+        if on_sample is not None:
+            on_sample(index, sample, time.perf_counter() - start if todo else None)
+    return store
+
+
+def evaluate_sample(model, tokenizer, sample: Sample, points: list[Point], settings: Settings) -> Iterator[dict]:
+    """One prefill for all `points`, then each point's answer (or kept-index similarity) as a record."""
+    if not points:
+        return
+    import torch
+
+    from chunkkv_cli.generate import prefill
+
+    targets = make_targets(model, points, settings)
+    device = next(model.parameters()).device
+    pre = prefill(model, torch.tensor([sample.prompt], device=device), targets)
+    base = {"task": settings.task, "sample": sample.id, "meta": sample.meta, "prompt_tokens": len(sample.prompt)}
+    for point, target in zip(points, targets):
+        kept = _mean_kept(target)
+        if settings.task == "similarity":
+            result = {"score": None, **similarity_metrics(target.kept)}
+        else:
+            result = answer_and_score(model, tokenizer, target, pre, sample, settings)
+        target.cache = None  # free this method's cache before the next decode
+        yield {**base, "method": point.method, "ratio": point.ratio, "kept_tokens": kept,
+               "prefill_seconds": round(pre.seconds, 3), **result}  # fmt: skip
+
+
+def make_targets(model, points: list[Point], settings: Settings) -> list:
+    """A compressed-cache target per point; H2O's costly scores are computed once per layer for all its ratios."""
+    from chunkkv_cli.compress import make_compressor
+    from chunkkv_cli.generate import new_target
+
+    memo = LastLayerScores()
+    targets = []
+    for point in points:
+        params = dict(ratio=point.ratio, window=settings.window, chunk_size=settings.chunk_size)
+        compressor = make_compressor(point.method, **params)
+        if isinstance(compressor, H2O):
+            compressor = SharedH2O(ratio=point.ratio, window=settings.window, block=compressor.block, memo=memo)
+        targets.append(new_target(model, compressor, settings.reuse_layers, record=settings.task == "similarity"))
+    return targets
+
+
+class LastLayerScores:
+    """Accumulated attention of the last layer seen, reused while the same key tensor comes back."""
+
+    def __init__(self):
+        self.key = None
+        self.scores = None
+
+    def __call__(self, query, key, scaling, block):
+        if key is not self.key:
+            self.key, self.scores = key, accumulated_attention(query, key, scaling, block)
+        return self.scores
+
+
+@dataclass
+class SharedH2O(H2O):
+    """H2O whose per-layer scores come from a memo shared by the grid's H2O targets (same selection)."""
+
+    memo: LastLayerScores | None = field(default=None, repr=False)
+
+    def select_tokens(self, query, key, n_kept, window, scaling):
+        scores = self.memo(query, key, scaling, self.block)[..., : key.shape[2] - window]
+        return keep_top(scores, n_kept, window)
+
+
+def _mean_kept(target) -> float:
+    from chunkkv_cli.generate import kept_lengths
+
+    kept = kept_lengths(target.cache)
+    return round(sum(kept) / len(kept), 1)
+
+
+class _Decided(Exception):
+    """Raised from the token callback once the answer's score can no longer change."""
+
+
+def answer_and_score(model, tokenizer, target, pre, sample: Sample, settings: Settings) -> dict:
+    """Greedy answer from the target's cache (stopping early once the needle is found), scored."""
+    from chunkkv_cli.generate import decode
+    from chunkkv_cli.pipeline import eos_ids
+
+    stops = eos_ids(model, tokenizer)
+    ids: list[int] = []
+    decided = _decided_check(settings.task, sample.reference)
+
+    def collect(token) -> None:
+        token_id = int(token[0])
+        if token_id in stops:
+            return
+        ids.append(token_id)
+        if decided is not None and decided(tokenizer.decode(ids, skip_special_tokens=True)):
+            raise _Decided
+
+    start = time.perf_counter()
+    try:
+        decode(model, target.cache, pre.logits, pre.prompt_len, settings.max_new_tokens, stops, on_token=collect)
+    except _Decided:
+        pass
+    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return {"answer": text, "new_tokens": len(ids), "decode_seconds": round(time.perf_counter() - start, 3),
+            **score_answer(settings.task, text, sample.reference)}  # fmt: skip
+
+
+def _decided_check(task: str, reference: dict):
+    if task == "needle":
+        return lambda text: scoring.contains_value(text, reference["value"]) == 1.0
+    return None
+
+
+def score_answer(task: str, text: str, reference: dict) -> dict:
+    """The task's metrics for one answer; `score` is the headline one, in [0, 1]."""
+    if task == "needle":
+        return {"score": scoring.contains_value(text, reference["value"])}
+    if task == "longqa":
+        answers = reference["answers"]
+        f1 = scoring.token_f1(text, answers)
+        return {"score": f1, "f1": f1, "exact": scoring.exact_match(text, answers),
+                "substring": scoring.substring_match(text, answers)}  # fmt: skip
+    if task == "manyshot":
+        return {"score": scoring.number_match(text, reference["number"]), "predicted": scoring.final_number(text)}
+    raise ChunkKVError(f"unknown task {task!r}")
+
+
+def similarity_metrics(kept: dict) -> dict:
+    matrix = jaccard_matrix(kept)
+    return {"adjacent": adjacent_mean(matrix), "matrix": [[round(v, 4) for v in row] for row in matrix]}
+
+
+def kept_masks(kept: dict) -> "torch.Tensor":
+    """Kept-index sets as masks (layers, sets, kv_len): one set per (batch, head), or per batch for shared indices."""
+    import torch
+
+    layers = [kept[i] for i in sorted(kept)]
+    kv_len = max(int(idx.max()) for idx in layers) + 1
+    heads = max(idx.shape[1] if idx.dim() == 3 else 1 for idx in layers)
+    masks = []
+    for idx in layers:
+        per_head = idx if idx.dim() == 3 else idx[:, None, :]
+        per_head = per_head.expand(-1, heads, -1).reshape(-1, per_head.shape[-1])
+        masks.append(torch.zeros(per_head.shape[0], kv_len).scatter_(1, per_head.long(), 1.0))
+    return torch.stack(masks)
+
+
+def jaccard_matrix(kept: dict) -> list[list[float]]:
+    """|I_a ∩ I_b| / |I_a ∪ I_b| for every pair of layers, per head (or per shared set), averaged over sets."""
+    import torch
+
+    masks = kept_masks(kept)
+    inter = torch.einsum("asn,bsn->abs", masks, masks)
+    sizes = masks.sum(-1)
+    union = sizes[:, None, :] + sizes[None, :, :] - inter
+    return (inter / union.clamp(min=1)).mean(-1).tolist()
+
+
+def adjacent_mean(matrix: list[list[float]]) -> float:
+    pairs = [matrix[i][i + 1] for i in range(len(matrix) - 1)]
+    return sum(pairs) / len(pairs) if pairs else 1.0
+
+
+def summarize(store: RecordStore, samples: list[Sample], settings: Settings) -> dict:
+    """results.json: the methods x ratios table of mean scores (%), per-cell metrics, and task extras."""
+    points = grid_points(settings.methods, settings.ratios)
+    cells = [summarize_cell(store, samples, settings.task, p) for p in points]
+    table: dict[str, dict[str, float | None]] = {}
+    for cell in cells:
+        table.setdefault(cell["method"], {})[cell["ratio"]] = cell["score"]
+    results = {
+        "task": settings.task,
+        "metric": METRIC_NAMES[settings.task],
+        "model": settings.model,
+        "settings": asdict(settings),
+        "samples": len(samples),
+        "table": table,
+        "ranking": rankings(table, settings.ratios),
+        "cells": cells,
+    }
+    if settings.task == "needle":
+        results["needle"] = needle_grid(store, samples, points)
+    if settings.task == "similarity":
+        results["similarity"] = mean_matrices(store, samples, points)
+    return results
+
+
+def _cell_records(store: RecordStore, samples: list[Sample], task: str, point: Point) -> list[dict]:
+    keys = (record_key(task, s.id, point.method, point.ratio) for s in samples)
+    return [store.records[k] for k in keys if k in store.records]
+
+
+def summarize_cell(store: RecordStore, samples: list[Sample], task: str, point: Point) -> dict:
+    records = _cell_records(store, samples, task, point)
+    headline = "adjacent" if task == "similarity" else "score"
+    numeric = ("score", "f1", "exact", "substring", "adjacent", "kept_tokens", "decode_seconds", "new_tokens")
+    means = {name: _mean([r[name] for r in records if r.get(name) is not None]) for name in numeric}
+    score = means.pop(headline)
+    return {
+        "method": point.method,
+        "ratio": point.label,
+        "n": len(records),
+        "score": None if score is None else round(100 * score, 2),
+        "metrics": {k: round(v, 4) for k, v in means.items() if v is not None and k != "score"},
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def rankings(table: dict, ratios: list[float]) -> dict[str, list[str]]:
+    """Per ratio, methods best first (fullkv joins every ratio with its single score)."""
+    ranked = {}
+    for ratio in ratios:
+        label = ratio_label(ratio)
+        scores = {m: row.get(label, row.get("1") if m == "fullkv" else None) for m, row in table.items()}
+        ranked[label] = sorted((m for m, v in scores.items() if v is not None), key=lambda m: -scores[m])
+    return ranked
+
+
+def needle_grid(store: RecordStore, samples: list[Sample], points: list[Point]) -> dict:
+    """Scores per point as a depth x length grid (rows: depths, columns: lengths), None where not run."""
+    lengths = sorted({s.meta["length"] for s in samples})
+    depths = sorted({s.meta["depth"] for s in samples})
+    by_cell = {(s.meta["length"], s.meta["depth"]): s.id for s in samples}
+    grids: dict = {}
+    for point in points:
+        rows = []
+        for depth in depths:
+            row = []
+            for length in lengths:
+                record = store.records.get(record_key("needle", by_cell.get((length, depth), ""), point.method, point.ratio))
+                row.append(None if record is None else record["score"])
+            rows.append(row)
+        grids.setdefault(point.method, {})[point.label] = rows
+    return {"lengths": lengths, "depths": depths, "grid": grids}
+
+
+def mean_matrices(store: RecordStore, samples: list[Sample], points: list[Point]) -> dict:
+    """Layer x layer Jaccard averaged over samples, and its adjacent-layer mean, per method and ratio."""
+    import torch
+
+    matrices: dict = {}
+    adjacent: dict = {}
+    for point in points:
+        records = _cell_records(store, samples, "similarity", point)
+        if not records or point.method == "fullkv":
+            continue
+        mean = torch.tensor([r["matrix"] for r in records]).mean(0).tolist()
+        matrices.setdefault(point.method, {})[point.label] = [[round(v, 4) for v in row] for row in mean]
+        adjacent.setdefault(point.method, {})[point.label] = round(adjacent_mean(mean), 4)
+    return {"adjacent": adjacent, "matrix": matrices}
+
+
+def write_results(out: Path, results: dict) -> Path:
+    path = Path(out) / RESULTS_FILE
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return path
