@@ -56,26 +56,52 @@ class TaskEnum(str, Enum):
     similarity = "similarity"
 
 
+TaskArg = Annotated[TaskEnum, typer.Argument(help="needle, longqa, manyshot or similarity.")]
+MethodsOpt = Annotated[str, typer.Option(help="Comma-separated methods to compare.")]
+RatiosOpt = Annotated[str, typer.Option(help="Comma-separated fractions of the KV kept, each in (0, 1].")]
+LimitOpt = Annotated[
+    Optional[int], typer.Option(help="At most N samples (manyshot: N questions, each at every length; default 10).")
+]
+DataOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="longqa: JSONL, LongBench layout or context/question/answers. similarity: such a JSONL or a text "
+        "file (default: samples/lighthouse.md with its questions). manyshot: GSM8K JSONL (default: generated)."
+    ),
+]
+HaystackOpt = Annotated[Optional[Path], typer.Option(help="needle: any text file to hide the needle in (default: generated prose).")]
+NeedleOpt = Annotated[Optional[str], typer.Option(help="needle: the sentence to hide.")]
+NeedleQuestionOpt = Annotated[Optional[str], typer.Option(help="needle: the question that asks for it.")]
+NeedleAnswerOpt = Annotated[Optional[str], typer.Option(help="needle: the value a right answer contains.")]
+LengthsOpt = Annotated[str, typer.Option(help="needle/manyshot: context lengths in tokens, e.g. 1k,2k,4k.")]
+DepthsOpt = Annotated[int, typer.Option(help="needle: needle depths, evenly spaced from start (0 %) to end (100 %).")]
+MaxNewOpt = Annotated[
+    Optional[int], typer.Option(help="Most tokens per answer (default: needle 24, longqa 32, manyshot 64).")
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the generated haystack and arithmetic problems.")]
+OutOpt = Annotated[Path, typer.Option(help="Folder for records.jsonl, results.json and plots; rerun to resume.")]
+
+
 def eval_command(
-    task: Annotated[TaskEnum, typer.Argument(help="needle, longqa, manyshot or similarity.")],
+    task: TaskArg,
     model: ModelOpt = DEFAULT_MODEL,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods to compare.")] = DEFAULT_METHODS,
-    ratios: Annotated[str, typer.Option(help="Comma-separated fractions of the KV kept, each in (0, 1].")] = "0.05,0.1,0.2",
-    limit: Annotated[Optional[int], typer.Option(help="At most N samples (manyshot: N questions, each at every length).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="longqa/similarity: JSONL (LongBench or context/question/answers) or a text file; manyshot: GSM8K JSONL.")] = None,
-    haystack: Annotated[Optional[Path], typer.Option(help="needle: any text file to hide the needle in (default: generated prose).")] = None,
-    needle: Annotated[Optional[str], typer.Option(help="needle: the sentence to hide.")] = None,
-    needle_question: Annotated[Optional[str], typer.Option(help="needle: the question that asks for it.")] = None,
-    needle_answer: Annotated[Optional[str], typer.Option(help="needle: the value a right answer contains.")] = None,
-    lengths: Annotated[str, typer.Option(help="needle/manyshot: context lengths in tokens, e.g. 1k,2k,4k.")] = "1k,2k,4k",
-    depths: Annotated[int, typer.Option(help="needle: needle depths, evenly spaced from start to end.")] = 5,
+    methods: MethodsOpt = DEFAULT_METHODS,
+    ratios: RatiosOpt = "0.05,0.1,0.2",
+    limit: LimitOpt = None,
+    data: DataOpt = None,
+    haystack: HaystackOpt = None,
+    needle: NeedleOpt = None,
+    needle_question: NeedleQuestionOpt = None,
+    needle_answer: NeedleAnswerOpt = None,
+    lengths: LengthsOpt = "1k,2k,4k",
+    depths: DepthsOpt = 5,
     window: WindowOpt = 32,
     chunk_size: ChunkSizeOpt = 10,
     reuse_layers: ReuseOpt = 1,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens per answer (default: needle 24, longqa 32, manyshot 64).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the generated haystack and arithmetic problems.")] = 0,
+    max_new_tokens: MaxNewOpt = None,
+    seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
-    out: Annotated[Path, typer.Option(help="Folder for records.jsonl, results.json and plots; rerun to resume.")] = Path("eval-out"),
+    out: OutOpt = Path("eval-out"),
     json_out: JsonOpt = False,
 ) -> None:
     """Compare KV compression methods on a task over a grid of ratios (one prefill per sample feeds them all)."""
@@ -90,7 +116,7 @@ def eval_command(
         window=_at_least(window, 1, "--window"),
         chunk_size=_at_least(chunk_size, 1, "--chunk-size"),
         reuse_layers=_at_least(reuse_layers, 1, "--reuse-layers"),
-        max_new_tokens=_at_least(max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task_name], 1, "--max-new-tokens"),
+        max_new_tokens=_at_least(_or_default(max_new_tokens, task_name), 1, "--max-new-tokens"),
     )
     if limit is not None:
         _at_least(limit, 1, "--limit")
@@ -155,6 +181,10 @@ def needle_triple(needle: str | None, question: str | None, answer: str | None) 
     if needle is None:
         return data.DEFAULT_NEEDLE, data.DEFAULT_NEEDLE_QUESTION, data.DEFAULT_NEEDLE_ANSWER
     return needle, question, answer
+
+
+def _or_default(max_new_tokens: int | None, task: str) -> int:
+    return DEFAULT_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
 
 
 def _at_least(value: int, low: int, flag: str) -> int:
@@ -305,8 +335,8 @@ def _report(results: dict, err: Console, json_out: bool) -> None:
     console.print(results_table(results))
     if results["task"] in PAPER_NOTES:
         console.print(f"[dim]{PAPER_NOTES[results['task']]}[/]", highlight=False)
-    for ratio, order in results["ranking"].items():
-        console.print(f"[dim]measured order at ratio {ratio}: {' > '.join(order)}[/]", highlight=False)
+    for ratio, order in results["ordering"].items():
+        console.print(f"[dim]measured at ratio {ratio}: {order}[/]", highlight=False)
     written = ", ".join(results["plots"]) or "no plots"
     console.print(f"[dim]results.json and {written}[/]", highlight=False)
 

@@ -47,9 +47,11 @@ def needle_heatmaps(results: dict, out: Path) -> list[Path]:
     lengths, depths = needle["lengths"], needle["depths"]
     files = []
     for method, by_ratio in needle["grid"].items():
-        fig, axes = plt.subplots(1, len(by_ratio), figsize=(1.2 + 1.3 * len(lengths) * len(by_ratio), 3.6), squeeze=False)
+        width = 1.8 + (1.0 + 0.9 * len(lengths)) * len(by_ratio)
+        fig, axes = plt.subplots(1, len(by_ratio), figsize=(width, 3.6), squeeze=False, sharey=True, layout="constrained")
         for ax, (ratio, rows) in zip(axes[0], by_ratio.items()):
             image = _needle_panel(ax, rows, lengths, depths)
+            ax.set_ylabel("needle depth" if ax is axes[0][0] else "")
             title = "full cache" if method == "fullkv" else f"ratio {ratio}"
             ax.set_title(f"{title}: {_found(rows)}", fontsize=10)
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="needle found")
@@ -64,10 +66,9 @@ def _needle_panel(ax, rows, lengths, depths):
     ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
     for row, line in enumerate(rows):
         for col, value in enumerate(line):
-            ax.text(col, row, "–" if value is None else f"{value:.0f}", ha="center", va="center", fontsize=8)
+            ax.text(col, row, "–" if value is None else f"{value:.2g}", ha="center", va="center", fontsize=8)
     return image
 
 
@@ -83,12 +84,12 @@ def similarity_heatmaps(results: dict, out: Path) -> list[Path]:
     files = []
     for ratio in sorted({r for by_ratio in sim["matrix"].values() for r in by_ratio}, key=float):
         methods = [m for m in sim["matrix"] if ratio in sim["matrix"][m]]
-        fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods) + 1, 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.6), squeeze=False, layout="constrained")
         for ax, method in zip(axes[0], methods):
             image = ax.imshow(sim["matrix"][method][ratio], cmap="viridis", vmin=0, vmax=1, origin="lower")
             ax.set_title(f"{method}\nadjacent J = {sim['adjacent'][method][ratio]:.1%}", fontsize=10)
             ax.set_xlabel("layer")
-            ax.set_ylabel("layer")
+            ax.set_ylabel("layer" if ax is axes[0][0] else "")
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="Jaccard of kept indices")
         fig.suptitle(f"Kept-index similarity between layers, ratio {ratio} ({results['model']})", fontsize=11)
         files.append(_save(plt, fig, out / f"similarity-r{ratio}.png"))
@@ -98,7 +99,7 @@ def similarity_heatmaps(results: dict, out: Path) -> list[Path]:
 def score_lines(results: dict, out: Path) -> Path:
     """Headline score against the kept ratio, one line per method (fullkv as a dashed reference)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
     for method, row in results["table"].items():
         if method == "fullkv":
             if row.get("1") is not None:

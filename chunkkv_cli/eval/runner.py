@@ -330,6 +330,7 @@ def summarize(store: RecordStore, samples: list[Sample], settings: Settings) -> 
         "samples": len(samples),
         "table": table,
         "ranking": rankings(table, settings.ratios),
+        "ordering": orderings(table, settings.ratios),
         "cells": cells,
     }
     if settings.task == "needle":
@@ -365,12 +366,23 @@ def _mean(values: list[float]) -> float | None:
 
 def rankings(table: dict, ratios: list[float]) -> dict[str, list[str]]:
     """Per ratio, methods best first (fullkv joins every ratio with its single score)."""
-    ranked = {}
+    return {ratio_label(r): [m for m, _ in _ranked(table, ratio_label(r))] for r in ratios}
+
+
+def orderings(table: dict, ratios: list[float]) -> dict[str, str]:
+    """Per ratio, the measured order as text with scores and ties: 'chunkkv 80.0 > snapkv 60.0 = h2o 60.0'."""
+    texts = {}
     for ratio in ratios:
-        label = ratio_label(ratio)
-        scores = {m: row.get(label, row.get("1") if m == "fullkv" else None) for m, row in table.items()}
-        ranked[label] = sorted((m for m, v in scores.items() if v is not None), key=lambda m: -scores[m])
-    return ranked
+        ranked = _ranked(table, ratio_label(ratio))
+        parts = [f"{m} {v:.1f}" for m, v in ranked]
+        signs = [" = " if ranked[i][1] == ranked[i + 1][1] else " > " for i in range(len(ranked) - 1)]
+        texts[ratio_label(ratio)] = "".join(p + s for p, s in zip(parts, signs + [""]))
+    return texts
+
+
+def _ranked(table: dict, label: str) -> list[tuple[str, float]]:
+    scores = {m: row.get("1") if m == "fullkv" else row.get(label) for m, row in table.items()}
+    return sorted(((m, v) for m, v in scores.items() if v is not None), key=lambda item: -item[1])
 
 
 def needle_grid(store: RecordStore, samples: list[Sample], points: list[Point]) -> dict:
