@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CPU build of torch; pinned so pip does not pull a multi-GB CUDA build before the rest.
 TORCH ?= torch==2.13.0
-QUESTION ?= $(shell head -n 1 samples/questions.jsonl | $(if $(wildcard $(PY)),$(PY),python3) -c 'import json,sys; print(json.loads(sys.stdin.read())["question"])')
+QUESTION ?= What was the name of the schooner that struck the Harrow Rocks in October 1868?
 
 .PHONY: setup demo test test-fast clean
 

@@ -269,28 +269,33 @@ def measure_with_fallback(model, case, compressor_args, decode_tokens, repeats, 
 
 
 def plot_report(report: dict, path) -> None:
-    """End-to-end latency and decode throughput against reuse group size, one line per prompt length."""
+    """Compression time, TTFT and end-to-end throughput against reuse group size, one line per prompt length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["rows"] if "prefill_s" in r and r["batch_kind"] == "fixed"]
-    fig, (lat, thr) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [
+        ("compress_s", 1000, "compression time (ms, all layers)"),
+        ("prefill_s", 1, "TTFT: prefill incl. compression (s)"),
+        ("e2e_tokens_per_s", 1, "throughput: new tokens / end-to-end s"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for seq in sorted({r["seq"] for r in rows}):
         method_rows = sorted((r for r in rows if r["seq"] == seq and r["method"] != "fullkv"), key=lambda r: r["reuse_layers"])
         full = next((r for r in rows if r["seq"] == seq and r["method"] == "fullkv"), None)
         reuse = [r["reuse_layers"] for r in method_rows]
-        line = lat.plot(reuse, [r["e2e_s"] for r in method_rows], marker="o", label=f"{seq} tokens")[0]
-        thr.plot(reuse, [r["e2e_tokens_per_s"] for r in method_rows], marker="o", color=line.get_color())
-        if full:
-            lat.axhline(full["e2e_s"], color=line.get_color(), linestyle="--", linewidth=1)
-            thr.axhline(full["e2e_tokens_per_s"], color=line.get_color(), linestyle="--", linewidth=1)
+        color = None
+        for ax, (key, scale, title) in zip(axes, panels):
+            line = ax.plot(reuse, [scale * r[key] for r in method_rows], marker="o", color=color, label=f"{seq} tokens")[0]
+            color = line.get_color()
+            if full and key != "compress_s":
+                ax.axhline(scale * full[key], color=color, linestyle="--", linewidth=1)
+            ax.set(title=title, xlabel="reuse layers", xticks=reuse)
+    axes[0].legend()
     method = report["settings"]["method"]
-    lat.set(title=f"{method}: end-to-end latency (dashed: fullkv)", xlabel="reuse layers", ylabel="seconds")
-    thr.set(title="throughput (generated tokens / end-to-end s)", xlabel="reuse layers", ylabel="tokens/s")
-    lat.legend()
-    fig.suptitle(f"{report['model']} on {report['environment']['device']}")
+    fig.suptitle(f"{method} vs fullkv (dashed) · {report['model']} on {report['environment']['device']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
