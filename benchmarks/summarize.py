@@ -1,0 +1,53 @@
+"""Markdown tables from `chunkkv bench --out` JSON files (what the README shows).
+
+    python benchmarks/summarize.py benchmarks/results/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def fmt_row(r: dict) -> str:
+    method = r["method"] + (f" reuse {r['reuse_layers']}" if r["method"] != "fullkv" else "")
+    vs_full = r.get("vs_fullkv") or {}
+    vs_none = r.get("vs_no_reuse") or {}
+    cells = [
+        r["report_model"],
+        f"{r['seq'] // 1024}k",
+        method,
+        str(r["batch"]),
+        f"{r['prefill_s'] * 1000:.0f}",
+        f"{r['compress_s'] * 1000:.1f} ({r['compress_s'] / r['prefill_s']:.2%})",
+        f"{r['decode_ms_per_token']:.1f}",
+        f"{r['decode_tokens_per_s']:.0f}",
+        f"{r['peak_prefill_bytes'] / 2**30:.1f}",
+        f"{r['peak_decode_bytes'] / 2**30:.1f}",
+        f"{r['kv_bytes'] / 2**30:.2f}",
+        f"×{vs_full['decode_tokens_per_s']:.2f}" if r["method"] != "fullkv" and vs_full else "",
+        f"×{vs_none['prefill']:.4f}" if r["reuse_layers"] > 1 and vs_none else "",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = (
+    "| model | seq | method | batch | TTFT ms | compression ms (share) | decode ms/step | tok/s "
+    "| peak prefill GiB | peak decode GiB | KV GiB | tok/s vs fullkv | TTFT vs no reuse |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(paths: list[str]) -> None:
+    print(HEADER)
+    for path in paths:
+        report = json.load(open(path))
+        for row in report["rows"]:
+            if "prefill_s" in row:
+                print(fmt_row({**row, "report_model": report["model"]}))
+    env = json.load(open(paths[0]))["environment"]
+    print(f"\n{env['device']}, torch {env['torch']}, transformers {env['transformers']}, {env['date']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
