@@ -217,7 +217,7 @@ def test_resuming_with_different_settings_is_refused(tmp_path):
     settings = runner.Settings("needle", "tiny", ["chunkkv"], [0.1])
     runner.check_settings(tmp_path, settings)
     runner.check_settings(tmp_path, runner.Settings("needle", "tiny", ["snapkv", "fullkv"], [0.2]))  # new axes: fine
-    with pytest.raises(ChunkKVError, match="different window"):
+    with pytest.raises(ChunkKVError, match="different --window"):
         runner.check_settings(tmp_path, runner.Settings("needle", "tiny", ["chunkkv"], [0.1], window=8))
 
 

@@ -344,7 +344,7 @@ def _report(results: dict, err: Console, json_out: bool) -> None:
 def results_table(results: dict) -> Table:
     """Methods x ratios, the task's headline score (%) with the number of samples behind each cell."""
     ratios = [f"{r:g}" for r in results["settings"]["ratios"]]
-    table = Table(title=f"{results['task']}: {results['metric']} · {results['model']} · {results['samples']} samples")
+    table = Table(title=f"{results['task']}: {results['metric']} · {results['model']} · {_plural(results['samples'], 'sample')}")
     table.add_column("method")
     for ratio in ratios:
         table.add_column(f"ratio {ratio}", justify="right")
@@ -356,6 +356,10 @@ def results_table(results: dict) -> Table:
             continue
         table.add_row(method, *[_cell(row.get(r), n_by_cell.get((method, r)), total) for r in ratios])
     return table
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _cell(value, n, total) -> str:

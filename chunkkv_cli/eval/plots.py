@@ -87,11 +87,11 @@ def similarity_heatmaps(results: dict, out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.6), squeeze=False, layout="constrained")
         for ax, method in zip(axes[0], methods):
             image = ax.imshow(sim["matrix"][method][ratio], cmap="viridis", vmin=0, vmax=1, origin="lower")
-            ax.set_title(f"{method}\nadjacent J = {sim['adjacent'][method][ratio]:.1%}", fontsize=10)
+            ax.set_title(f"{method}: adjacent J = {sim['adjacent'][method][ratio]:.1%}", fontsize=10)
             ax.set_xlabel("layer")
             ax.set_ylabel("layer" if ax is axes[0][0] else "")
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="Jaccard of kept indices")
-        fig.suptitle(f"Kept-index similarity between layers, ratio {ratio} ({results['model']})", fontsize=11)
+        fig.suptitle(f"Kept-index similarity between layers, ratio {ratio} ({results['model']})", fontsize=11, y=1.03)
         files.append(_save(plt, fig, out / f"similarity-r{ratio}.png"))
     return files
 

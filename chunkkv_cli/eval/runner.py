@@ -30,6 +30,16 @@ METRIC_NAMES = {
     "similarity": "adjacent-layer Jaccard of kept indices (%)",
 }
 
+SETTING_FLAGS = {
+    "task": "task",
+    "model": "--model",
+    "window": "--window",
+    "chunk_size": "--chunk-size",
+    "reuse_layers": "--reuse-layers",
+    "max_new_tokens": "--max-new-tokens",
+    "source": "data (--data, --haystack, --needle*, --seed)",
+}
+
 
 @dataclass
 class Settings:
@@ -122,10 +132,10 @@ def check_settings(out: Path, settings: Settings) -> None:
     mine = settings.identity()
     if path.exists():
         theirs = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in mine if theirs.get(k) != mine[k])
+        changed = [SETTING_FLAGS[k] for k in mine if theirs.get(k) != mine[k]]
         if changed:
             raise ChunkKVError(
-                f"{out} holds a run with different {', '.join(changed)}; "
+                f"{out} holds a run with a different {', '.join(changed)}; "
                 "use another --out, or delete it to start over"
             )
         return
