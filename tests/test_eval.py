@@ -361,6 +361,9 @@ def test_eval_rejects_bad_options(tiny_cli, tmp_path, args, message):
     assert message in result.output
 
 
-def test_longqa_needs_data(tiny_cli, tmp_path):
-    result = tiny_cli("longqa", "--out", str(tmp_path))
-    assert result.exit_code == 2 and "--data" in result.output
+def test_longqa_without_data_uses_the_bundled_sample():
+    from chunkkv_cli.commands.eval import _qa_items
+
+    items, source = _qa_items("longqa", None)
+    assert len(items) == 12 and source == {"data": "samples/lighthouse.md + samples/questions.jsonl"}
+    assert all("Tollivar" in item.context for item in items)

@@ -65,8 +65,8 @@ LimitOpt = Annotated[
 DataOpt = Annotated[
     Optional[Path],
     typer.Option(
-        help="longqa: JSONL, LongBench layout or context/question/answers. similarity: such a JSONL or a text "
-        "file (default: samples/lighthouse.md with its questions). manyshot: GSM8K JSONL (default: generated)."
+        help="longqa: JSONL, LongBench layout or context/question/answers; similarity: such a JSONL or a text "
+        "file (both default to samples/lighthouse.md with its questions). manyshot: GSM8K JSONL (default: generated)."
     ),
 ]
 HaystackOpt = Annotated[Optional[Path], typer.Option(help="needle: any text file to hide the needle in (default: generated prose).")]
@@ -262,11 +262,9 @@ def _read_text(path: Path) -> str:
 
 
 def _qa_items(task: str, data: Path | None):
-    """longqa needs --data; similarity defaults to the bundled lighthouse document and its questions."""
+    """Without --data, longqa and similarity use the bundled lighthouse document and its questions."""
     from chunkkv_cli.eval import data as ev
 
-    if data is None and task == "longqa":
-        raise ChunkKVError("longqa needs --data FILE.jsonl (LongBench layout or context/question/answers)")
     if data is None:
         document = _read_text(BUNDLED_SAMPLES / "lighthouse.md")
         questions = [r for _, r in ev.read_jsonl(BUNDLED_SAMPLES / "questions.jsonl")]
