@@ -11,6 +11,7 @@ import sys
 
 def fmt_row(r: dict) -> str:
     method = r["method"] + (f" reuse {r['reuse_layers']}" if r["method"] != "fullkv" else "")
+    method += f" ({r.get('decoder', 'hf')})"
     vs_full = r.get("vs_fullkv") or {}
     vs_none = r.get("vs_no_reuse") or {}
     cells = [

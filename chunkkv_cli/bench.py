@@ -23,22 +23,24 @@ class Case:
     reuse_layers: int
     batch: int | str  # an int, or "max": the largest batch that fits
     seq: int
+    decoder: str = "hf"
 
     @property
     def label(self) -> str:
         reuse = f", reuse {self.reuse_layers}" if self.method != "fullkv" else ""
-        return f"{self.method}{reuse}"
+        return f"{self.method}{reuse} ({self.decoder})"
 
 
-def plan_cases(method: str, seqs: list[int], reuse: list[int], batches: list) -> list[Case]:
-    """For every length and batch: the fullkv baseline, the no-reuse row, then each reuse row."""
+def plan_cases(method: str, seqs: list[int], reuse: list[int], batches: list, decoders=("hf",)) -> list[Case]:
+    """For every length, batch and decoder: the fullkv baseline, the no-reuse row, then each reuse row."""
     reuse_rows = [1] + sorted({r for r in reuse if r != 1})
     cases = []
     for seq in seqs:
         for batch in batches:
-            cases.append(Case("fullkv", 1, batch, seq))
-            if method != "fullkv":
-                cases += [Case(method, r, batch, seq) for r in reuse_rows]
+            for decoder in decoders:
+                cases.append(Case("fullkv", 1, batch, seq, decoder))
+                if method != "fullkv":
+                    cases += [Case(method, r, batch, seq, decoder) for r in reuse_rows]
     return cases
 
 
@@ -78,7 +80,7 @@ def random_prompt(model, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     return ids.to(next(model.parameters()).device)
 
 
-def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, replicate: int = 1) -> dict:
+def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, replicate: int = 1, decoder="hf") -> dict:
     """One prefill, then `decode_tokens` decode steps; `replicate` copies the cache to a larger batch first."""
     device = ids.device
     target = new_target(model, compressor, reuse_layers)
@@ -92,7 +94,7 @@ def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, 
     with PeakMemory(device) as decode_mem:
         synchronize(device)
         start = time.perf_counter()
-        decode(model, target.cache, pre.logits, ids.shape[1], decode_tokens + 1)
+        decode(model, target.cache, pre.logits, ids.shape[1], decode_tokens + 1, decoder=decoder)
         synchronize(device)
         decode_seconds = time.perf_counter() - start
     batch = ids.shape[0] * replicate
@@ -120,8 +122,11 @@ def measure_case(model, case: Case, ratio, budget, window, chunk_size, decode_to
     compressor = make_compressor(case.method, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
     batch = 1 if replicate > 1 else case.batch
     ids = random_prompt(model, batch, case.seq)
-    measure_once(model, ids, compressor, case.reuse_layers, decode_tokens, replicate)
-    runs = [measure_once(model, ids, compressor, case.reuse_layers, decode_tokens, replicate) for _ in range(repeats)]
+    measure_once(model, ids, compressor, case.reuse_layers, decode_tokens, replicate, case.decoder)
+    runs = [
+        measure_once(model, ids, compressor, case.reuse_layers, decode_tokens, replicate, case.decoder)
+        for _ in range(repeats)
+    ]
     result = median_of(runs)
     result["runs"] = {k: [r[k] for r in runs] for k in ("prefill_s", "compress_s", "decode_ms_per_token")}
     result["kept_tokens"] = compressor.kept_tokens(case.seq)
@@ -144,12 +149,12 @@ def replicated(model, cache, batch: int):
     return copy
 
 
-def decode_fits(model, cache, logits, seq: int, batch: int, steps: int) -> bool:
+def decode_fits(model, cache, logits, seq: int, batch: int, steps: int, decoder: str = "hf") -> bool:
     """Whether `batch` copies of `cache` can decode `steps` tokens without running out of memory."""
     big = None
     try:
         big = replicated(model, cache, batch)
-        decode(model, big, logits.repeat_interleave(batch, 0), seq, steps + 1)
+        decode(model, big, logits.repeat_interleave(batch, 0), seq, steps + 1, decoder=decoder)
         return True
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
@@ -170,7 +175,8 @@ def find_max_batch(model, case: Case, compressor_args: dict, steps: int, limit: 
     target = new_target(model, compressor, case.reuse_layers)
     pre = prefill(model, random_prompt(model, 1, case.seq), [target])
     try:
-        return search_max_batch(lambda b: decode_fits(model, target.cache, pre.logits, case.seq, b, steps), limit)
+        fits = lambda b: decode_fits(model, target.cache, pre.logits, case.seq, b, steps, case.decoder)  # noqa: E731
+        return search_max_batch(fits, limit)
     finally:
         del target
         if torch.cuda.is_available():
@@ -200,13 +206,17 @@ def search_max_batch(try_batch: Callable[[int], bool], limit: int = 4096) -> int
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Each row against the fullkv row and the no-reuse row of the same length and batch kind."""
+    """Each row against the fullkv and no-reuse rows of its length, batch kind and decoder, and against hf."""
     for row in rows:
-        same = [r for r in rows if r["seq"] == row["seq"] and r["batch_kind"] == row["batch_kind"]]
+        group = [r for r in rows if r["seq"] == row["seq"] and r["batch_kind"] == row["batch_kind"]]
+        same = [r for r in group if r.get("decoder", "hf") == row.get("decoder", "hf")]
         full = next((r for r in same if r["method"] == "fullkv"), None)
         no_reuse = next((r for r in same if r["method"] == row["method"] and r["reuse_layers"] == 1), None)
+        hf_twin = next((r for r in group if r.get("decoder", "hf") == "hf" and r["method"] == row["method"]
+                        and r["reuse_layers"] == row["reuse_layers"]), None)
         row["vs_fullkv"] = _ratios(row, full)
         row["vs_no_reuse"] = _ratios(row, no_reuse) if row["method"] != "fullkv" else None
+        row["vs_hf_decoder"] = _ratios(row, hf_twin) if row.get("decoder", "hf") != "hf" else None
 
 
 def _ratios(row: dict, base: dict | None) -> dict | None:
@@ -239,12 +249,12 @@ def run_bench(
             on_case(case)
         batch, replicate = case.batch, 1
         if case.batch == "max":
-            key = (case.method, case.seq)  # reuse does not change the cache size: search once per method
+            key = (case.method, case.seq, case.decoder)  # reuse does not change the cache size
             if key not in found:
                 found[key] = find_max_batch(model, case, compressor_args, min(decode_tokens, 32), max_batch_limit)
             batch = replicate = found[key]
         row = {"method": case.method, "reuse_layers": case.reuse_layers, "seq": case.seq, "batch": batch,
-               "batch_kind": "max" if case.batch == "max" else "fixed"}
+               "batch_kind": "max" if case.batch == "max" else "fixed", "decoder": case.decoder}
         if batch:
             row.update(measure_with_fallback(model, case, compressor_args, decode_tokens, repeats, replicate))
             row["batch"] = row.pop("batch_used", batch)
@@ -275,7 +285,7 @@ def plot_report(report: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["rows"] if "prefill_s" in r and r["batch_kind"] == "fixed"]
+    rows = [r for r in report["rows"] if "prefill_s" in r and r["batch_kind"] == "fixed" and r.get("decoder", "hf") == "hf"]
     panels = [
         ("compress_s", 1000, "compression time (ms, all layers)"),
         ("prefill_s", 1, "TTFT: prefill incl. compression (s)"),

@@ -35,12 +35,33 @@ def compressing_attention(module, query, key, value, attention_mask, **kwargs):
     """SDPA that builds its own causal mask (layer lengths may differ after compression) and compresses on prefill."""
     if kwargs.get("sliding_window"):
         raise ChunkKVError("models with sliding-window attention layers are not supported yet")
+    valid = kwargs.pop(STATIC_VALID_KWARG, None)
+    if valid is not None:
+        return static_decode_attention(query, key, value, valid[module.layer_idx], kwargs.get("scaling")), None
     q_len, kv_len = query.shape[2], key.shape[2]
     mask = bottom_right_causal_mask(q_len, kv_len, query.device) if 1 < q_len < kv_len else None
     output, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     if _active is not None and q_len == kv_len:
         _active.compress_layer(module.layer_idx, query, key, value, kwargs.get("scaling") or module.scaling)
     return output, None
+
+
+STATIC_VALID_KWARG = "chunkkv_valid_slots"
+
+
+def static_decode_attention(query, key, value, valid, scaling):
+    """One new token per sequence against preallocated K/V buffers whose filled slots `valid` marks.
+
+    query: (batch, q_heads, 1, d); key/value: (batch, kv_heads, capacity, d); valid: (batch, capacity).
+    The query heads of a KV group become the query rows of one SDPA call, so K/V are never repeated.
+    Returns (batch, 1, q_heads, d) like transformers' attention functions.
+    """
+    b, q_heads, _, d = query.shape
+    kv_heads = key.shape[1]
+    packed = query.view(b, kv_heads, q_heads // kv_heads, d)
+    mask = valid[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, 1, q_heads, d)
 
 
 AttentionInterface.register(ATTENTION_NAME, compressing_attention)

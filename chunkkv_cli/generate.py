@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from chunkkv_cli.compress import Compressor
+from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.engine import ATTENTION_NAME, CompressionSession, Target, compression
 
 
@@ -71,6 +72,32 @@ def pick_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def hf_step(model, cache, start_pos: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One transformers forward per token on a DynamicCache (the `hf` decoder)."""
+    position = [start_pos]
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        ids = token[:, None]
+        pos = torch.full_like(ids, position[0])
+        position[0] += 1
+        return model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1]
+
+    return step
+
+
+DECODERS = ("hf", "fast")
+
+
+def make_step(model, cache, start_pos: int, max_new_tokens: int, decoder: str = "hf"):
+    if decoder == "fast":
+        from chunkkv_cli.fast_decode import FastDecoder
+
+        return FastDecoder(model, cache, start_pos, max_new_tokens).step
+    if decoder != "hf":
+        raise ChunkKVError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    return hf_step(model, cache, start_pos)
+
+
 @torch.inference_mode()
 def decode(
     model,
@@ -82,28 +109,30 @@ def decode(
     temperature: float = 0.0,
     top_p: float = 1.0,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    decoder: str = "hf",
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` per sequence from a (compressed) cache.
 
     New tokens get RoPE positions start_pos, start_pos + 1, ... (the uncompressed numbering), not
     the cache length. Returns (batch, n_generated); finished sequences are padded with their EOS.
+    decoder="fast" moves the cache into static buffers (leaving `cache` empty) and, on CUDA,
+    replays each step as a CUDA graph; "hf" grows `cache` one forward at a time.
     """
     device = first_logits.device
+    step = make_step(model, cache, start_pos, max_new_tokens, decoder)
     eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
     token = pick_token(first_logits, temperature, top_p)
     finished = torch.zeros_like(token, dtype=torch.bool)
     generated = []
-    for step in range(max_new_tokens):
+    for index in range(max_new_tokens):
         token = torch.where(finished, generated[-1] if generated else token, token)
         generated.append(token)
         if on_token is not None:
             on_token(token)
         finished |= torch.isin(token, eos)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if index == max_new_tokens - 1 or (eos.numel() and bool(finished.all())):
             break
-        position = torch.full((token.shape[0], 1), start_pos + step, device=device)
-        logits = model(input_ids=token[:, None], past_key_values=cache, position_ids=position, use_cache=True).logits
-        token = pick_token(logits[:, -1], temperature, top_p)
+        token = pick_token(step(token), temperature, top_p)
     return torch.stack(generated, dim=1)
 
 

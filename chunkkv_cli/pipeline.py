@@ -70,6 +70,7 @@ def answer(
     temperature: float = 0.0,
     top_p: float = 1.0,
     on_layer: Callable[[int], None] | None = None,
+    decoder: str = "hf",
 ) -> Answer:
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
@@ -80,7 +81,9 @@ def answer(
     stops = eos_ids(model, tokenizer)
     stream = TextStream(tokenizer, on_text, stops)
     start = time.perf_counter()
-    tokens = decode(model, target.cache, pre.logits, len(ids), max_new_tokens, stops, temperature, top_p, stream)
+    tokens = decode(
+        model, target.cache, pre.logits, len(ids), max_new_tokens, stops, temperature, top_p, stream, decoder
+    )
     synchronize(device)
     decode_seconds = time.perf_counter() - start
     return Answer(

@@ -12,9 +12,11 @@ from chunkkv_cli.cli import app
 
 
 def test_plan_has_fullkv_and_no_reuse_rows_beside_reuse_rows():
-    cases = plan_cases("chunkkv", [1024, 2048], [2, 4], [1, "max"])
-    assert [c.label for c in cases[:4]] == ["fullkv", "chunkkv, reuse 1", "chunkkv, reuse 2", "chunkkv, reuse 4"]
-    assert len(cases) == 2 * 2 * 4
+    cases = plan_cases("chunkkv", [1024, 2048], [2, 4], [1, "max"], decoders=("hf", "fast"))
+    assert [c.label for c in cases[:5]] == [
+        "fullkv (hf)", "chunkkv, reuse 1 (hf)", "chunkkv, reuse 2 (hf)", "chunkkv, reuse 4 (hf)", "fullkv (fast)"
+    ]
+    assert len(cases) == 2 * 2 * 2 * 4
     assert {(c.seq, c.batch) for c in cases} == {(s, b) for s in (1024, 2048) for b in (1, "max")}
 
 

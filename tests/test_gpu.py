@@ -39,3 +39,27 @@ def test_uncompressed_logits_match_plain_sdpa_on_cuda():
     target = new_target(model, make_compressor("chunkkv", budget=10_000))
     pre = prefill(model, prompt, [target])
     torch.testing.assert_close(pre.logits, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_fast_decoder_graph_replay_matches_eager_steps_and_hf():
+    from tests.conftest import tiny_model
+
+    from chunkkv_cli.fast_decode import FastDecoder
+    from chunkkv_cli.generate import hf_step, new_target, prefill
+
+    model = tiny_model().cuda()
+    prompt = torch.randint(0, 128, (2, 300), device="cuda")
+    caches = []
+    for _ in range(3):
+        target = new_target(model, make_compressor("pyramidkv", budget=64, window=8))
+        prefill(model, prompt, [target])
+        caches.append(target.cache)
+    graphed = FastDecoder(model, caches[0], 300, 8, use_graph=True).step
+    eager = FastDecoder(model, caches[1], 300, 8, use_graph=False).step
+    reference = hf_step(model, caches[2], 300)
+    token = torch.tensor([3, 5], device="cuda")
+    for _ in range(6):
+        a, b, c = graphed(token).clone(), eager(token), reference(token)
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-3)
+        token = c.argmax(-1)

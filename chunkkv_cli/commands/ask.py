@@ -57,6 +57,7 @@ def ask(
     temperature: Annotated[float, typer.Option(help="0 = greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (with --temperature).")] = 1.0,
     truncate: Annotated[bool, typer.Option(help="Cut the document to fit the context instead of failing.")] = False,
+    decoder: Annotated[str, typer.Option(help="auto (fast on GPU, hf on CPU), fast (static cache + CUDA graph) or hf.")] = "auto",
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code shipped in a model folder to run.")] = False,
@@ -69,6 +70,8 @@ def ask(
         raise ChunkKVError("--max-new-tokens must be at least 1")
     if reuse_layers < 1:
         raise ChunkKVError("--reuse-layers must be at least 1")
+    if decoder not in ("auto", "hf", "fast"):
+        raise ChunkKVError(f"--decoder must be auto, hf or fast, got {decoder!r}")
     compressor = make_compressor(method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
     text = _read(document)
     err = Console(stderr=True)
@@ -86,7 +89,11 @@ def ask(
             if layer_idx == n_layers - 1:
                 progress.stop()  # the answer streams to stdout next
 
-        result = _answer(loaded, ids, compressor, reuse_layers, max_new_tokens, temperature, top_p, on_layer, json_out)
+        if decoder == "auto":
+            decoder = "fast" if loaded.model.device.type == "cuda" else "hf"
+        result = _answer(
+            loaded, ids, compressor, reuse_layers, max_new_tokens, temperature, top_p, on_layer, json_out, decoder
+        )
     if json_out:
         typer.echo(json.dumps({"method": method.value, "model": loaded.profile.name, **result.as_dict()}, indent=2))
         return
@@ -116,7 +123,7 @@ def _fit(tokenizer, text: str, question: str, limit: int, truncate: bool) -> lis
     return fit_to_context(tokenizer, text, question, limit, truncate)
 
 
-def _answer(loaded, ids, compressor, reuse_layers, max_new_tokens, temperature, top_p, on_layer, quiet):
+def _answer(loaded, ids, compressor, reuse_layers, max_new_tokens, temperature, top_p, on_layer, quiet, decoder):
     from chunkkv_cli.pipeline import answer
 
     def emit(piece: str) -> None:
@@ -134,6 +141,7 @@ def _answer(loaded, ids, compressor, reuse_layers, max_new_tokens, temperature, 
         temperature=temperature,
         top_p=top_p,
         on_layer=on_layer,
+        decoder=decoder,
     )
 
 

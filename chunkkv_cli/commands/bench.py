@@ -20,6 +20,8 @@ EXAMPLES = """[b]Examples[/b]
   chunkkv bench --model qwen2.5-7b --seq 32k --reuse-layers 1,2,4 --batch 1,max --json > qwen.json
 
   chunkkv bench --seq 8k --decode-tokens 1024 --plot reuse.png   (the paper's end-to-end shape)
+
+  chunkkv bench --seq 32k --reuse-layers 1 --decoder hf,fast      (the two decoders on one cache size)
 """
 
 GPU_DEFAULTS = {"model": "llama3-8b", "seq": "8k,32k", "decode_tokens": 128, "repeats": 3}
@@ -36,6 +38,7 @@ def bench(
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated; 'max' searches the largest that fits.")] = "1",
     decode_tokens: Annotated[Optional[int], typer.Option(help="Decode steps timed [default: 128 on GPU, 32 on CPU].")] = None,
     repeats: Annotated[Optional[int], typer.Option(help="Timed runs per row (median reported), after one warm-up.")] = None,
+    decoder: Annotated[Optional[str], typer.Option(help="Decoders to time, comma-separated: hf, fast [default: hf,fast on GPU, hf on CPU].")] = None,
     random_weights: Annotated[bool, typer.Option(help="Random weights of the profile's shape (default when it has no weights).")] = False,
     window: WindowOpt = 32,
     chunk_size: ChunkSizeOpt = 10,
@@ -68,7 +71,8 @@ def bench(
         err.print("[yellow]no GPU: timing on the CPU at small lengths; GPU figures need a CUDA device[/]")
     loaded = load_model(model or defaults["model"], str(torch_device), dtype, random_weights=random_weights)
     _check_lengths(seqs, loaded.profile, random=loaded.tokenizer is None, console=err)
-    cases = plan_cases(method, seqs, reuse, batches)
+    decoders = _decoders(decoder or ("hf,fast" if torch_device.type == "cuda" else "hf"))
+    cases = plan_cases(method, seqs, reuse, batches, decoders)
     with err.status("") as status:
         rows = run_bench(
             loaded.model, cases, compressor_args, decode_tokens, repeats,
@@ -119,6 +123,16 @@ def _batches(text: str) -> list:
     if not batches:
         raise ChunkKVError(f"--batch takes sizes and/or 'max', got {text!r}")
     return batches
+
+
+def _decoders(text: str) -> list[str]:
+    from chunkkv_cli.generate import DECODERS
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [n for n in names if n not in DECODERS]
+    if unknown or not names:
+        raise ChunkKVError(f"--decoder takes {', '.join(DECODERS)} (comma-separated), got {text!r}")
+    return names
 
 
 def _check_lengths(seqs: list[int], profile, random: bool, console: Console) -> None:
@@ -174,7 +188,8 @@ def _table(seq: int, kind: str, rows: list[dict]) -> Table:
 
 
 def _label(row: dict) -> str:
-    return row["method"] + (f" reuse {row['reuse_layers']}" if row["method"] != "fullkv" else "")
+    reuse = f" reuse {row['reuse_layers']}" if row["method"] != "fullkv" else ""
+    return f"{row['method']}{reuse} ({row.get('decoder', 'hf')})"
 
 
 def _versus(ratios: dict | None) -> str:

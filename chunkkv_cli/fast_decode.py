@@ -1,0 +1,113 @@
+"""The `fast` decoder: the compressed cache copied into preallocated buffers, one decode step replayed as a CUDA graph.
+
+The `hf` decoder runs a transformers forward per token on a `DynamicCache`, which concatenates
+(copies) every layer's cache at every step and launches hundreds of small kernels from Python.
+Here each layer gets a buffer sized kept + new tokens, new K/V are written in place at a
+position held in a tensor, and a mask of filled slots stands in for the length, so every step has
+the same shapes and addresses. On CUDA the step is captured once and replayed; on CPU it runs eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chunkkv_cli.engine import STATIC_VALID_KWARG, drop_layer
+
+
+class StaticKV:
+    """Per-layer K/V buffers of one capacity; layer l of every sequence holds its first `write_pos[l]` slots.
+
+    Layers may hold different numbers of kept tokens (PyramidKV); the valid-slot mask tells attention which.
+    The source cache is emptied layer by layer as it is copied, so memory peaks at one extra layer.
+    """
+
+    def __init__(self, cache, new_tokens: int):
+        layers = cache.layers
+        lengths = [layer.keys.shape[-2] for layer in layers]
+        batch, heads, _, dim = layers[0].keys.shape
+        capacity = max(lengths) + new_tokens
+        dtype = layers[0].keys.dtype
+        self.keys, self.values = [], []
+        for index, (layer, n) in enumerate(zip(layers, lengths)):
+            for store, source in ((self.keys, layer.keys), (self.values, layer.values)):
+                buffer = torch.zeros(batch, heads, capacity, dim, dtype=dtype, device=source.device)
+                buffer[:, :, :n] = source
+                store.append(buffer)
+            drop_layer(cache, index)
+        positions = torch.arange(capacity, device=self.keys[0].device)
+        self.write_pos = torch.tensor(lengths, device=self.keys[0].device)
+        self.valid = (positions[None, :] < self.write_pos[:, None])[:, None, :].expand(-1, batch, -1).contiguous()
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Write one new token's K/V at this layer's next slot; return the whole buffers."""
+        slot = self.write_pos[layer_idx].view(1)
+        self.keys[layer_idx].index_copy_(2, slot, key_states)
+        self.values[layer_idx].index_copy_(2, slot, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def open_next_slot(self) -> None:
+        """Mark every layer's next slot as filled (the new token attends to itself)."""
+        index = self.write_pos.view(-1, 1, 1).expand(-1, self.valid.shape[1], 1)
+        self.valid.scatter_(2, index, True)
+
+    def advance(self) -> None:
+        self.write_pos += 1
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Kept + generated length of a layer, read on the host (not used inside captured steps)."""
+        return int(self.write_pos[layer_idx])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class FastDecoder:
+    """`step(token) -> logits` over a StaticKV; graph-captured on CUDA at the first step."""
+
+    def __init__(self, model, cache, start_pos: int, new_tokens: int, use_graph: bool | None = None):
+        self.model = model
+        self.static = StaticKV(cache, new_tokens)
+        device = self.static.write_pos.device
+        batch = self.static.valid.shape[1]
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.full((batch, 1), start_pos, dtype=torch.long, device=device)
+        self.use_graph = device.type == "cuda" if use_graph is None else use_graph
+        self.graph = None
+        self.logits = None
+
+    def _forward(self) -> torch.Tensor:
+        self.static.open_next_slot()
+        out = self.model(
+            input_ids=self.token,
+            past_key_values=self.static,
+            position_ids=self.position,
+            use_cache=True,
+            **{STATIC_VALID_KWARG: self.static.valid},
+        )
+        self.static.advance()
+        self.position += 1
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token.view(-1, 1))
+        if not self.use_graph:
+            return self._forward()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (state restored afterwards), then record one step; capture runs nothing."""
+        saved = (self.static.write_pos.clone(), self.static.valid.clone(), self.position.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        for live, copy in zip((self.static.write_pos, self.static.valid, self.position), saved):
+            live.copy_(copy)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()

@@ -1,0 +1,59 @@
+"""The `fast` decoder (static buffers; CUDA graph on GPU, eager here) against the `hf` decoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chunkkv_cli.compress import make_compressor
+from chunkkv_cli.fast_decode import StaticKV
+from chunkkv_cli.generate import decode, new_target, prefill
+
+PROMPT_LEN = 131
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(0, 128, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
+
+
+def greedy(model, prompt, method, decoder, budget=40, new_tokens=16):
+    target = new_target(model, make_compressor(method, budget=budget, window=8))
+    pre = prefill(model, prompt, [target])
+    return decode(model, target.cache, pre.logits, PROMPT_LEN, new_tokens, decoder=decoder)
+
+
+@pytest.mark.parametrize("method", ["chunkkv", "snapkv", "pyramidkv", "h2o", "streamingllm", "fullkv"])
+def test_fast_and_hf_decoders_produce_identical_greedy_tokens(model, prompt, method):
+    assert torch.equal(greedy(model, prompt, method, "fast"), greedy(model, prompt, method, "hf"))
+
+
+def test_fast_decoder_matches_uncompressed_generate(model, reference_model, prompt):
+    expected = reference_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False)
+    assert torch.equal(greedy(model, prompt, "fullkv", "fast"), expected[:, PROMPT_LEN:])
+
+
+def test_static_buffers_hold_each_layers_kept_tokens_and_grow_in_place(model, prompt):
+    target = new_target(model, make_compressor("pyramidkv", budget=60, window=8))
+    prefill(model, prompt, [target])
+    lengths = [layer.keys.shape[-2] for layer in target.cache.layers]
+    kept_keys = [layer.keys for layer in target.cache.layers]
+    static = StaticKV(target.cache, new_tokens=5)
+    assert all(layer.keys.shape[-2] == 0 for layer in target.cache.layers), "the source cache is handed over"
+    assert static.write_pos.tolist() == lengths
+    assert static.valid.sum(-1)[:, 0].tolist() == lengths
+    first = static.keys[0]
+    for layer, n in zip(range(len(lengths)), lengths):
+        assert torch.equal(static.keys[layer][:, :, :n], kept_keys[layer])
+    static.open_next_slot()
+    static.update(torch.ones(2, 2, 1, 16), torch.ones(2, 2, 1, 16), 0)
+    static.advance()
+    assert static.keys[0] is first and torch.all(first[:, :, lengths[0]] == 1)
+    assert static.valid.sum(-1)[:, 0].tolist() == [n + 1 for n in lengths]
+
+
+def test_unknown_decoder_is_rejected(model, prompt):
+    from chunkkv_cli.errors import ChunkKVError
+
+    with pytest.raises(ChunkKVError, match="--decoder"):
+        greedy(model, prompt, "chunkkv", "turbo")
