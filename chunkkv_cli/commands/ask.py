@@ -57,7 +57,7 @@ def ask(
     temperature: Annotated[float, typer.Option(help="0 = greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (with --temperature).")] = 1.0,
     truncate: Annotated[bool, typer.Option(help="Cut the document to fit the context instead of failing.")] = False,
-    decoder: Annotated[str, typer.Option(help="auto (fast on GPU, hf on CPU), fast (static cache + CUDA graph) or hf.")] = "auto",
+    decoder: Annotated[str, typer.Option(help="hf (a transformers forward per token) or fast (static cache, CUDA graph on GPU; experimental).")] = "hf",
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code shipped in a model folder to run.")] = False,
@@ -70,8 +70,8 @@ def ask(
         raise ChunkKVError("--max-new-tokens must be at least 1")
     if reuse_layers < 1:
         raise ChunkKVError("--reuse-layers must be at least 1")
-    if decoder not in ("auto", "hf", "fast"):
-        raise ChunkKVError(f"--decoder must be auto, hf or fast, got {decoder!r}")
+    if decoder not in ("hf", "fast"):
+        raise ChunkKVError(f"--decoder must be hf or fast, got {decoder!r}")
     compressor = make_compressor(method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
     text = _read(document)
     err = Console(stderr=True)
@@ -89,8 +89,6 @@ def ask(
             if layer_idx == n_layers - 1:
                 progress.stop()  # the answer streams to stdout next
 
-        if decoder == "auto":
-            decoder = "fast" if loaded.model.device.type == "cuda" else "hf"
         result = _answer(
             loaded, ids, compressor, reuse_layers, max_new_tokens, temperature, top_p, on_layer, json_out, decoder
         )

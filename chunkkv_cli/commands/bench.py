@@ -38,7 +38,7 @@ def bench(
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated; 'max' searches the largest that fits.")] = "1",
     decode_tokens: Annotated[Optional[int], typer.Option(help="Decode steps timed [default: 128 on GPU, 32 on CPU].")] = None,
     repeats: Annotated[Optional[int], typer.Option(help="Timed runs per row (median reported), after one warm-up.")] = None,
-    decoder: Annotated[Optional[str], typer.Option(help="Decoders to time, comma-separated: hf, fast [default: hf,fast on GPU, hf on CPU].")] = None,
+    decoder: Annotated[Optional[str], typer.Option(help="Decoders to time, comma-separated: hf, fast (experimental).")] = None,
     random_weights: Annotated[bool, typer.Option(help="Random weights of the profile's shape (default when it has no weights).")] = False,
     window: WindowOpt = 32,
     chunk_size: ChunkSizeOpt = 10,
@@ -71,7 +71,7 @@ def bench(
         err.print("[yellow]no GPU: timing on the CPU at small lengths; GPU figures need a CUDA device[/]")
     loaded = load_model(model or defaults["model"], str(torch_device), dtype, random_weights=random_weights)
     _check_lengths(seqs, loaded.profile, random=loaded.tokenizer is None, console=err)
-    decoders = _decoders(decoder or ("hf,fast" if torch_device.type == "cuda" else "hf"))
+    decoders = _decoders(decoder or "hf")
     cases = plan_cases(method, seqs, reuse, batches, decoders)
     with err.status("") as status:
         rows = run_bench(
