@@ -9,6 +9,10 @@ import json
 import sys
 
 
+def gib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.1f}"
+
+
 def fmt_row(r: dict) -> str:
     method = r["method"] + (f" reuse {r['reuse_layers']}" if r["method"] != "fullkv" else "")
     method += f" ({r.get('decoder', 'hf')})"
@@ -23,8 +27,8 @@ def fmt_row(r: dict) -> str:
         f"{r['compress_s'] * 1000:.1f} ({r['compress_s'] / r['prefill_s']:.2%})",
         f"{r['decode_ms_per_token']:.1f}",
         f"{r['decode_tokens_per_s']:.0f}",
-        f"{r['peak_prefill_bytes'] / 2**30:.1f}",
-        f"{r['peak_decode_bytes'] / 2**30:.1f}",
+        gib(r["peak_prefill_bytes"]),
+        gib(r["peak_decode_bytes"]),
         f"{r['kv_bytes'] / 2**30:.2f}",
         f"×{vs_full['decode_tokens_per_s']:.2f}" if r["method"] != "fullkv" and vs_full else "",
         f"×{vs_none['prefill']:.4f}" if r["reuse_layers"] > 1 and vs_none else "",

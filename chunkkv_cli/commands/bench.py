@@ -25,18 +25,18 @@ EXAMPLES = """[b]Examples[/b]
 """
 
 GPU_DEFAULTS = {"model": "llama3-8b", "seq": "8k,32k", "decode_tokens": 128, "repeats": 3}
-CPU_DEFAULTS = {"model": "smollm2-135m", "seq": "2k", "decode_tokens": 32, "repeats": 2}
+CPU_DEFAULTS = {"model": "smollm2-135m", "seq": "1k", "decode_tokens": 16, "repeats": 2}
 
 
 def bench(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Profile or path [default: llama3-8b on GPU, smollm2-135m on CPU].")] = None,
-    seq: Annotated[Optional[str], typer.Option(help="Prompt lengths, comma-separated (e.g. 8k,32k) [default: 8k,32k on GPU, 2k on CPU].")] = None,
+    seq: Annotated[Optional[str], typer.Option(help="Prompt lengths, comma-separated (e.g. 8k,32k) [default: 8k,32k on GPU, 1k on CPU].")] = None,
     method: Annotated[str, typer.Option(help="Compression method compared with fullkv.")] = "chunkkv",
     ratio: RatioOpt = None,
     budget: BudgetOpt = None,
     reuse_layers: Annotated[str, typer.Option(help="Reuse group sizes to time, comma-separated; 1 (no reuse) is always added.")] = "2",
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated; 'max' searches the largest that fits.")] = "1",
-    decode_tokens: Annotated[Optional[int], typer.Option(help="Decode steps timed [default: 128 on GPU, 32 on CPU].")] = None,
+    decode_tokens: Annotated[Optional[int], typer.Option(help="Decode steps timed [default: 128 on GPU, 16 on CPU].")] = None,
     repeats: Annotated[Optional[int], typer.Option(help="Timed runs per row (median reported), after one warm-up.")] = None,
     decoder: Annotated[Optional[str], typer.Option(help="Decoders to time, comma-separated: hf, fast (experimental).")] = None,
     random_weights: Annotated[bool, typer.Option(help="Random weights of the profile's shape (default when it has no weights).")] = False,
