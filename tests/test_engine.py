@@ -165,3 +165,34 @@ def test_kept_target_record_is_cpu_and_sorted(model, prompt):
     idx = target.kept[0]
     assert idx.device.type == "cpu" and isinstance(target, Target)
     assert torch.all(idx[..., 1:] > idx[..., :-1])
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_families_compress_and_match_generate_when_nothing_is_dropped(family):
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    from chunkkv_cli.engine import ATTENTION_NAME
+
+    config_cls = {"mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    config = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, vocab_size=128, sliding_window=None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME).eval()
+    reference = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    reference.load_state_dict(model.state_dict())
+    prompt = torch.randint(0, 128, (1, 90), generator=torch.Generator().manual_seed(3))
+    expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    tokens, _, _ = run(model, prompt, make_compressor("chunkkv", budget=1000, window=8), new_tokens=6)
+    assert torch.equal(tokens, expected[:, 90:])
+    _, kept, _ = run(model, prompt, make_compressor("chunkkv", budget=30, window=8), new_tokens=2)
+    assert kept == [30] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_compress_and_decode(model, prompt, dtype):
+    from tests.conftest import tiny_model
+
+    half = tiny_model().to(dtype)
+    tokens, kept, target = run(half, prompt, make_compressor("chunkkv", budget=40, window=8), new_tokens=4)
+    assert kept == [40] * 4 and tokens.shape == (2, 4)
+    assert target.cache.layers[0].keys.dtype == dtype
