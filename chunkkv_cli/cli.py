@@ -68,13 +68,16 @@ def _root(
 
 
 def _register() -> None:
-    from chunkkv_cli.commands import ask, bench, memory, profiles
+    from chunkkv_cli.commands import ask, bench, compress, memory, profiles
     from chunkkv_cli.commands import eval as eval_cmd
+    from chunkkv_cli.commands import inspect as inspect_cmd
 
     for name, fn, epilog in [
         ("memory", memory.memory, memory.EXAMPLES),
         ("profiles", profiles.profiles, None),
         ("ask", ask.ask, ask.EXAMPLES),
+        ("compress", compress.compress, compress.EXAMPLES),
+        ("inspect", inspect_cmd.inspect, inspect_cmd.EXAMPLES),
         ("bench", bench.bench, bench.EXAMPLES),
         ("eval", eval_cmd.eval_command, eval_cmd.EXAMPLES),
     ]:

@@ -63,3 +63,74 @@ def fit_to_context(tokenizer, document: str, question: str, limit: int, truncate
     doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
     keep = max(0, len(doc_ids) - (len(ids) - limit))
     return prompt_ids(tokenizer, tokenizer.decode(doc_ids[:keep]), question)[:limit]
+
+
+# A saved cache holds the prompt up to the question: the prefix below. Placeholder questions find where it
+# ends; the stand-in document gives the question's tokens without the real document (`ask doc.ckv` never reads it).
+_PLACEHOLDER_QUESTIONS = ("A", "B")
+_STAND_IN_DOCUMENT = "(document)"
+
+
+def prefix_ids(tokenizer, document: str) -> list[int]:
+    """The question-independent start of `prompt_ids`: chat header, instruction, document, closing tag, 'Question:'.
+
+    `prefix_ids(t, d) + question_ids(t, q)` is the prompt `prompt_ids(t, d, q)` builds, whenever the tokenizer does
+    not merge tokens across the 'Question:' boundary (BPE tokenizers with pre-tokenisation never do).
+    """
+    first, second = (prompt_ids(tokenizer, document, q) for q in _PLACEHOLDER_QUESTIONS)
+    return first[: _common_length(first, second)]
+
+
+def question_ids(tokenizer, question: str) -> list[int]:
+    """The prompt's tokens after `prefix_ids`: the question, the end of the user turn and the assistant header."""
+    if not question.strip():
+        raise ChunkKVError("the question is empty")
+    prefix = prefix_ids(tokenizer, _STAND_IN_DOCUMENT)
+    full = prompt_ids(tokenizer, _STAND_IN_DOCUMENT, question)
+    if full[: len(prefix)] != prefix:
+        raise ChunkKVError(f"cannot split the prompt before the question {question.strip()!r} with this tokenizer")
+    return full[len(prefix):]
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def fit_prefix_to_context(tokenizer, document: str, limit: int, truncate: bool) -> list[int]:
+    """`prefix_ids` within `limit` tokens: an error naming both numbers, or the document cut at its end."""
+    ids = prefix_ids(tokenizer, document)
+    if len(ids) <= limit:
+        return ids
+    if not truncate:
+        raise ChunkKVError(
+            f"the document's prompt is {len(ids)} tokens but the model's context leaves room for {limit} "
+            "(a question and its answer need the rest); use a shorter document or --truncate"
+        )
+    doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+    keep = max(0, len(doc_ids) - (len(ids) - limit))
+    return prefix_ids(tokenizer, tokenizer.decode(doc_ids[:keep]))[:limit]
+
+
+def read_questions(path: str) -> list[str]:
+    """Questions from a file: one per line, or JSONL objects with a `question` field (blank lines skipped)."""
+    import json
+
+    if path != "-" and not Path(path).is_file():
+        raise ChunkKVError(f"questions file not found: {path}")
+    lines = [(n, line.strip()) for n, line in enumerate(read_document(path).splitlines(), start=1) if line.strip()]
+    if not lines[0][1].startswith("{"):
+        return [line for _, line in lines]
+    questions = []
+    for line_no, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ChunkKVError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
+        question = record.get("question") if isinstance(record, dict) else None
+        if not isinstance(question, str) or not question.strip():
+            raise ChunkKVError(f"{path}:{line_no}: expected a JSON object with a non-empty 'question' string")
+        questions.append(question.strip())
+    return questions

@@ -1,0 +1,142 @@
+"""`chunkkv compress`: prefill a document once and save its compressed KV cache (.ckv) for later questions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from chunkkv_cli.commands import ask as ask_cmd
+from chunkkv_cli.commands.ask import Method, MethodOpt
+from chunkkv_cli.commands.options import (
+    DEFAULT_MODEL,
+    BudgetOpt,
+    ChunkSizeOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    RatioOpt,
+    ReuseOpt,
+    WindowOpt,
+)
+from chunkkv_cli.errors import ChunkKVError
+
+EXAMPLES = """[b]Examples[/b]
+
+  chunkkv compress samples/lighthouse.md -o lighthouse.ckv --ratio 0.2
+
+  chunkkv ask lighthouse.ckv "Who repaired the lens in 1911?"
+
+  chunkkv compress report.md -o report.ckv --method snapkv --budget 1024 --model ~/models/Qwen2.5-7B-Instruct --json
+
+The question is not known here, so the observation window that scores the tokens is the document's tail
+(its last --window prompt tokens: the end of the text, </document> and 'Question:').
+"""
+
+# Tokens of the context left for a question and its answer after the document.
+QUESTION_ROOM = 256
+
+
+def compress(
+    document: Annotated[str, typer.Argument(help="Text or markdown file, or - for standard input.")],
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="The cache file to write, ending in .ckv [default: DOCUMENT.ckv]."),
+    ] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    method: MethodOpt = Method.chunkkv,
+    ratio: RatioOpt = None,
+    budget: BudgetOpt = None,
+    chunk_size: ChunkSizeOpt = 10,
+    window: WindowOpt = 32,
+    reuse_layers: ReuseOpt = 1,
+    truncate: Annotated[bool, typer.Option(help="Cut the document to fit the context instead of failing.")] = False,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow code shipped in a model folder to run.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Prefill a document once and save its compressed KV cache, for `chunkkv ask DOC.ckv "question"`."""
+    from chunkkv_cli.cache_io import make_meta, method_meta, model_identity, save
+    from chunkkv_cli.compress import make_compressor
+
+    if reuse_layers < 1:
+        raise ChunkKVError("--reuse-layers must be at least 1")
+    compressor = make_compressor(method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
+    out = output_path(document, output)
+    text = ask_cmd._read(document)
+    err = Console(stderr=True)
+    with ask_cmd._progress(err, json_out) as progress:
+        task = progress.add_task("loading model", total=None)
+        loaded = ask_cmd._load(model, device, dtype, trust_remote_code)
+        limit = loaded.profile.max_context - QUESTION_ROOM
+        prefix = compress_text(loaded, text, compressor, reuse_layers, limit, truncate, progress, task)
+        progress.update(task, description=f"writing {out.name}", total=None)
+        identity = model_identity(loaded, model)
+        meta = make_meta(identity, method_meta(compressor, reuse_layers), text, prefix, source_name(document))
+        size = save(out, prefix, meta)
+    report = _report(out, loaded.profile.name, meta, prefix, size)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(_summary(report))
+
+
+def output_path(document: str, output: Path | None) -> Path:
+    """The .ckv to write: --output, else the document's path with .ckv; its folder must exist."""
+    if document.endswith(".ckv"):
+        raise ChunkKVError(f"{document} is already a compressed cache; give the text document")
+    if output is None:
+        if document == "-":
+            raise ChunkKVError("--output is required when the document comes from standard input")
+        output = Path(document).with_suffix(".ckv")
+    if output.suffix != ".ckv":
+        raise ChunkKVError(f"--output must end in .ckv (ask recognises caches by it), got {output}")
+    if not output.parent.is_dir():
+        raise ChunkKVError(f"--output folder does not exist: {output.parent}")
+    return output
+
+
+def source_name(document: str) -> str:
+    return "standard input" if document == "-" else Path(document).name
+
+
+def compress_text(loaded, text, compressor, reuse_layers, limit, truncate, progress, task):
+    """The document's question-independent prompt prefix, prefilled and compressed (a progress bar per layer)."""
+    from chunkkv_cli.documents import fit_prefix_to_context
+    from chunkkv_cli.reuse import compress_prefix
+
+    progress.update(task, description="tokenising", total=None)
+    ids = fit_prefix_to_context(loaded.tokenizer, text, limit, truncate)
+    n_layers = loaded.model.config.num_hidden_layers
+    progress.update(task, description=f"prefill + {compressor.name}", total=n_layers, completed=0)
+    return compress_prefix(loaded.model, ids, compressor, reuse_layers, on_layer=lambda _: progress.advance(task))
+
+
+def _report(out: Path, model_name: str, meta: dict, prefix, size: int) -> dict:
+    kept = prefix.kept_lengths()
+    return {
+        "output": str(out),
+        "model": model_name,
+        "method": meta["method"]["name"],
+        "params": meta["method"]["params"],
+        "prefix_tokens": prefix.prefix_len,
+        "kept_tokens": sum(kept) / len(kept),
+        "full_kv_bytes": prefix.full_bytes,
+        "kept_kv_bytes": prefix.kept_bytes(),
+        "file_bytes": size,
+        "prefill_seconds": prefix.prefill_seconds,
+        "compress_seconds": prefix.compress_seconds,
+    }
+
+
+def _summary(r: dict) -> str:
+    return (
+        f"saved {r['output']}: {r['prefix_tokens']} prompt tokens → {r['kept_tokens']:.0f} kept per layer "
+        f"({r['method']}) · KV {ask_cmd._mib(r['full_kv_bytes'])} → {ask_cmd._mib(r['kept_kv_bytes'])} · "
+        f"{ask_cmd._mib(r['file_bytes'])} on disk · prefill {r['prefill_seconds']:.2f} s "
+        f"(compression {r['compress_seconds'] * 1000:.0f} ms)"
+    )

@@ -1,0 +1,137 @@
+"""Compress once, ask many: a document's prompt prefix is prefilled and compressed without the question.
+
+The prompt splits where the question starts (`documents.prefix_ids` / `documents.question_ids`). Only the
+prefix is prefilled, so the observation window that scores the tokens (the last `window` prompt tokens) is
+the document's tail, the closing `</document>` tag and `Question:`: compression is question-agnostic. Each
+question then gets its own copy of the compressed cache, is appended in one forward with positions that
+continue from the uncompressed prefix length (the engine's attention builds a bottom-right causal mask per
+layer, and compresses only when a layer sees as many queries as keys, so the append is kept whole), and the
+answer is decoded from there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from chunkkv_cli.compress import Compressor
+from chunkkv_cli.engine import store_layer
+from chunkkv_cli.generate import decode, new_target, prefill, synchronize, use_compressing_attention
+from chunkkv_cli.pipeline import Answer, TextStream, eos_ids
+
+
+@dataclass
+class CompressedPrefix:
+    """A prompt prefix's compressed KV cache, layer by layer, batch 1.
+
+    keys/values: per layer (1, kv_heads, n_kept, head_dim), after RoPE. positions: per layer the kept
+    tokens' original positions, (1, n_kept) for methods that share indices across heads, (1, kv_heads, n_kept)
+    for per-head ones. prefix_len: the uncompressed length, i.e. the position the question starts at.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    prefix_len: int
+    full_bytes: int = 0  # what the uncompressed prefix's KV would take
+    prefill_seconds: float = 0.0
+    compress_seconds: float = 0.0
+
+    def kept_lengths(self) -> list[int]:
+        return [k.shape[-2] for k in self.keys]
+
+    def kept_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def compress_prefix(
+    model, ids: list[int], compressor: Compressor, reuse_layers: int = 1, on_layer=None
+) -> CompressedPrefix:
+    """Prefill `ids` (the prefix alone) and keep each layer's compressed KV and kept positions."""
+    device = next(model.parameters()).device
+    target = new_target(model, compressor, reuse_layers, record=True)
+    pre = prefill(model, torch.tensor([ids], device=device), [target], on_layer)
+    layers = target.cache.layers
+    return CompressedPrefix(
+        keys=[layer.keys for layer in layers],
+        values=[layer.values for layer in layers],
+        positions=[target.kept[i] for i in range(len(layers))],
+        prefix_len=len(ids),
+        full_bytes=pre.full_bytes,
+        prefill_seconds=pre.seconds,
+        compress_seconds=pre.compress_seconds,
+    )
+
+
+def cache_copy(model, prefix: CompressedPrefix) -> DynamicCache:
+    """A fresh DynamicCache holding copies of the prefix's tensors, on the model's device and in its dtype."""
+    param = next(model.parameters())
+    cache = DynamicCache(config=model.config)
+    for layer_idx, (keys, values) in enumerate(zip(prefix.keys, prefix.values)):
+        copy = [t.to(param.device, param.dtype, copy=True) for t in (keys, values)]
+        store_layer(cache, layer_idx, *copy)
+    return cache
+
+
+@torch.inference_mode()
+def append(model, cache, ids: list[int], start_pos: int) -> torch.Tensor:
+    """Feed `ids` in one forward at positions start_pos, start_pos + 1, ...; returns the last logits (1, vocab)."""
+    use_compressing_attention(model)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    positions = torch.arange(start_pos, start_pos + len(ids), device=device)[None]
+    out = model(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def question_tokens(model, prefix: CompressedPrefix, question_ids: list[int], max_new_tokens: int = 128, **kwargs):
+    """Greedy (or sampled) token ids, (1, n_generated), answering from a copy of `prefix`; `kwargs` go to decode."""
+    cache = cache_copy(model, prefix)
+    logits = append(model, cache, question_ids, prefix.prefix_len)
+    start_pos = prefix.prefix_len + len(question_ids)
+    return decode(model, cache, logits, start_pos, max_new_tokens, **kwargs)
+
+
+def answer_question(
+    model,
+    tokenizer,
+    prefix: CompressedPrefix,
+    question_ids: list[int],
+    max_new_tokens: int = 128,
+    on_text: Callable[[str], None] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    decoder: str = "hf",
+) -> Answer:
+    """One question from its own copy of the compressed prefix, streamed through `on_text`.
+
+    prefill_seconds is the question's append alone; compress_seconds is 0 (the prefix was compressed before).
+    """
+    device = next(model.parameters()).device
+    stops = eos_ids(model, tokenizer)
+    stream = TextStream(tokenizer, on_text, stops)
+    synchronize(device)
+    start = time.perf_counter()
+    cache = cache_copy(model, prefix)
+    logits = append(model, cache, question_ids, prefix.prefix_len)
+    synchronize(device)
+    appended = time.perf_counter()
+    start_pos = prefix.prefix_len + len(question_ids)
+    tokens = decode(model, cache, logits, start_pos, max_new_tokens, stops, temperature, top_p, stream, decoder)
+    synchronize(device)
+    kept = prefix.kept_lengths()
+    return Answer(
+        text=stream.text.strip() or tokenizer.decode(stream.ids, skip_special_tokens=True).strip(),
+        prompt_tokens=start_pos,
+        kept_tokens=sum(kept) / len(kept),
+        full_kv_bytes=prefix.full_bytes,
+        kept_kv_bytes=prefix.kept_bytes(),
+        prefill_seconds=appended - start,
+        compress_seconds=0.0,
+        decode_seconds=time.perf_counter() - appended,
+        new_tokens=tokens.shape[1],
+    )
