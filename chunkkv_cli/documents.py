@@ -52,17 +52,23 @@ def prompt_ids(tokenizer, document: str, question: str) -> list[int]:
 
 def fit_to_context(tokenizer, document: str, question: str, limit: int, truncate: bool) -> list[int]:
     """Prompt ids within `limit` tokens: an error naming both numbers, or the document cut at its end."""
-    ids = prompt_ids(tokenizer, document, question)
+    build = lambda doc: prompt_ids(tokenizer, doc, question)  # noqa: E731
+    return _fit(tokenizer, document, build, limit, truncate, "the prompt is {n} tokens")
+
+
+def _fit(tokenizer, document: str, build, limit: int, truncate: bool, what: str) -> list[int]:
+    """`build(document)` within `limit` tokens, cutting the document's end only when `truncate` allows it."""
+    ids = build(document)
     if len(ids) <= limit:
         return ids
     if not truncate:
         raise ChunkKVError(
-            f"the prompt is {len(ids)} tokens but the model's context leaves room for {limit}; "
+            f"{what.format(n=len(ids))} but the model's context leaves room for {limit}; "
             "use a shorter document or --truncate"
         )
     doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
     keep = max(0, len(doc_ids) - (len(ids) - limit))
-    return prompt_ids(tokenizer, tokenizer.decode(doc_ids[:keep]), question)[:limit]
+    return build(tokenizer.decode(doc_ids[:keep]))[:limit]
 
 
 # A saved cache holds the prompt up to the question: the prefix below. Placeholder questions find where it
@@ -101,17 +107,9 @@ def _common_length(a: list[int], b: list[int]) -> int:
 
 def fit_prefix_to_context(tokenizer, document: str, limit: int, truncate: bool) -> list[int]:
     """`prefix_ids` within `limit` tokens: an error naming both numbers, or the document cut at its end."""
-    ids = prefix_ids(tokenizer, document)
-    if len(ids) <= limit:
-        return ids
-    if not truncate:
-        raise ChunkKVError(
-            f"the document's prompt is {len(ids)} tokens but the model's context leaves room for {limit} "
-            "(a question and its answer need the rest); use a shorter document or --truncate"
-        )
-    doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-    keep = max(0, len(doc_ids) - (len(ids) - limit))
-    return prefix_ids(tokenizer, tokenizer.decode(doc_ids[:keep]))[:limit]
+    build = lambda doc: prefix_ids(tokenizer, doc)  # noqa: E731
+    what = "the document's prompt is {n} tokens (a question and its answer need the rest)"
+    return _fit(tokenizer, document, build, limit, truncate, what)
 
 
 def read_questions(path: str) -> list[str]:
