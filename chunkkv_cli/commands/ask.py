@@ -19,10 +19,13 @@ from chunkkv_cli.commands.options import (
     BudgetOpt,
     ChunkSizeOpt,
     DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelOpt,
     RatioOpt,
     ReuseOpt,
+    TruncateOpt,
+    TrustRemoteCodeOpt,
     WindowOpt,
 )
 from chunkkv_cli.errors import ChunkKVError
@@ -81,11 +84,11 @@ def ask(
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (with --temperature).")] = 1.0,
-    truncate: Annotated[bool, typer.Option(help="Cut the document to fit the context instead of failing.")] = False,
+    truncate: TruncateOpt = False,
     decoder: Annotated[str, typer.Option(help="hf (a transformers forward per token) or fast (static cache, CUDA graph on GPU; experimental).")] = "hf",
     device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow code shipped in a model folder to run.")] = False,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Answer a question about a long document, with the KV cache compressed (ChunkKV by default)."""

@@ -16,10 +16,13 @@ from chunkkv_cli.commands.options import (
     BudgetOpt,
     ChunkSizeOpt,
     DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelOpt,
     RatioOpt,
     ReuseOpt,
+    TruncateOpt,
+    TrustRemoteCodeOpt,
     WindowOpt,
 )
 from chunkkv_cli.errors import ChunkKVError
@@ -53,10 +56,10 @@ def compress(
     chunk_size: ChunkSizeOpt = 10,
     window: WindowOpt = 32,
     reuse_layers: ReuseOpt = 1,
-    truncate: Annotated[bool, typer.Option(help="Cut the document to fit the context instead of failing.")] = False,
+    truncate: TruncateOpt = False,
     device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow code shipped in a model folder to run.")] = False,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Prefill a document once and save its compressed KV cache, for `chunkkv ask DOC.ckv "question"`."""

@@ -32,3 +32,6 @@ ReuseOpt = Annotated[
     int,
     typer.Option("--reuse-layers", help="ChunkKV layer-wise index reuse: layers per group sharing one selection (1 = off)."),
 ]
+TruncateOpt = Annotated[bool, typer.Option(help="Cut the document to fit the context instead of failing.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option(help="Allow code shipped in a model folder to run.")]
