@@ -17,7 +17,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from chunkkv_cli.compress import Compressor
+from chunkkv_cli.compress import Compressor, clusterkv
 from chunkkv_cli.compress.base import gather_tokens
 from chunkkv_cli.errors import ChunkKVError
 
@@ -39,6 +39,10 @@ def compressing_attention(module, query, key, value, attention_mask, **kwargs):
     if valid is not None:
         return static_decode_attention(query, key, value, valid[module.layer_idx], kwargs.get("scaling")), None
     q_len, kv_len = query.shape[2], key.shape[2]
+    if q_len == 1 and clusterkv.active() is not None:  # recallable selection at decode time
+        output = clusterkv.active().attend(module.layer_idx, query, key, value, kwargs.get("scaling") or module.scaling)
+        if output is not None:
+            return output, None
     mask = bottom_right_causal_mask(q_len, kv_len, query.device) if 1 < q_len < kv_len else None
     output, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     if _active is not None and q_len == kv_len:

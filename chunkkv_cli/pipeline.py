@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
 from chunkkv_cli.compress import Compressor
+from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.generate import cache_bytes, decode, kept_lengths, new_target, prefill, synchronize
 
 
@@ -59,6 +61,23 @@ class TextStream:
             self.text = text
 
 
+def recall_state(compressor: Compressor, cache, decoder: str):
+    """Per-layer clusters of the full prefilled cache for a decode-time method (clusterkv), else None."""
+    if compressor.name != "clusterkv":
+        return None
+    if decoder != "hf":
+        raise ChunkKVError("--method clusterkv selects tokens at every decode step and needs --decoder hf")
+    from chunkkv_cli.compress.clusterkv import ClusterState
+
+    return ClusterState.build(compressor, cache)
+
+
+def recall_active(state):
+    from chunkkv_cli.compress.clusterkv import decoding
+
+    return decoding(state) if state is not None else nullcontext()
+
+
 def answer(
     model,
     tokenizer,
@@ -80,10 +99,12 @@ def answer(
     kept_bytes = cache_bytes(target.cache)
     stops = eos_ids(model, tokenizer)
     stream = TextStream(tokenizer, on_text, stops)
+    recall = recall_state(compressor, target.cache, decoder)
     start = time.perf_counter()
-    tokens = decode(
-        model, target.cache, pre.logits, len(ids), max_new_tokens, stops, temperature, top_p, stream, decoder
-    )
+    with recall_active(recall):
+        tokens = decode(
+            model, target.cache, pre.logits, len(ids), max_new_tokens, stops, temperature, top_p, stream, decoder
+        )
     synchronize(device)
     decode_seconds = time.perf_counter() - start
     return Answer(
@@ -93,7 +114,7 @@ def answer(
         full_kv_bytes=pre.full_bytes,
         kept_kv_bytes=kept_bytes,
         prefill_seconds=pre.seconds,
-        compress_seconds=pre.compress_seconds,
+        compress_seconds=pre.compress_seconds + (recall.seconds if recall is not None else 0.0),
         decode_seconds=decode_seconds,
         new_tokens=tokens.shape[1],
     )

@@ -40,6 +40,8 @@ EXAMPLES = """[b]Examples[/b]
 
   chunkkv ask lighthouse.ckv "Who designed the tower?"      # a cache saved by `chunkkv compress`
 
+  chunkkv ask samples/lighthouse.md "Who repaired the lens?" --method clusterkv --budget 1024
+
   chunkkv ask samples/lighthouse.md --questions questions.txt --ratio 0.2 --json
 """
 
@@ -51,6 +53,7 @@ class Method(str, Enum):
     h2o = "h2o"
     streamingllm = "streamingllm"
     fullkv = "fullkv"
+    clusterkv = "clusterkv"
 
 
 MethodOpt = Annotated[Method, typer.Option(help="KV compression method.")]
@@ -107,6 +110,8 @@ def ask(
         model = model if _given(ctx, "model") else None
         many = questions is not None
         return _ask_cache(document, asked, model, device, dtype, trust_remote_code, json_out, generation, many)
+    if method is Method.clusterkv and (questions is not None or decoder != "hf"):
+        raise ChunkKVError("--method clusterkv selects tokens at every decode step: ask one QUESTION with --decoder hf")
     compressor = make_compressor(method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
     text = _read(document)
     load = (model, device, dtype, trust_remote_code)

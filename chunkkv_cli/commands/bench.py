@@ -57,6 +57,8 @@ def bench(
     defaults = GPU_DEFAULTS if torch_device.type == "cuda" else CPU_DEFAULTS
     if method not in METHODS:
         raise ChunkKVError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if method == "clusterkv":
+        raise ChunkKVError("--method clusterkv is not benchmarked yet (it selects at decode time); time it with `chunkkv ask --json`")
     seqs = _sizes(seq or defaults["seq"])
     reuse = _ints(reuse_layers, "--reuse-layers")
     batches = _batches(batch)

@@ -68,6 +68,8 @@ def compress(
 
     if reuse_layers < 1:
         raise ChunkKVError("--reuse-layers must be at least 1")
+    if method is Method.clusterkv:
+        raise ChunkKVError("--method clusterkv evicts nothing and selects at decode time: use `chunkkv ask DOC QUESTION --method clusterkv`")
     compressor = make_compressor(method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
     out = output_path(document, output)
     text = ask_cmd._read(document)

@@ -139,6 +139,8 @@ def parse_methods(text: str, task: str) -> list[str]:
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
         raise ChunkKVError(f"--methods: unknown method {', '.join(map(repr, unknown)) or '(none)'}; choose from {', '.join(METHODS)}")
+    if "clusterkv" in names:
+        raise ChunkKVError("--methods: clusterkv is not evaluated yet (it selects at decode time); use `chunkkv ask --method clusterkv`")
     if task == "similarity":
         names = [n for n in names if n != "fullkv"]  # keeps every index: its similarity is 1 by definition
         if not names:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from chunkkv_cli.compress.base import Compressor
 from chunkkv_cli.compress.chunkkv import ChunkKV
+from chunkkv_cli.compress.clusterkv import ClusterKV
 from chunkkv_cli.compress.fullkv import FullKV
 from chunkkv_cli.compress.h2o import H2O
 from chunkkv_cli.compress.pyramidkv import PyramidKV
@@ -12,7 +13,7 @@ from chunkkv_cli.compress.streamingllm import StreamingLLM
 from chunkkv_cli.errors import ChunkKVError
 
 METHODS: dict[str, type[Compressor]] = {
-    cls.name: cls for cls in (ChunkKV, SnapKV, PyramidKV, H2O, StreamingLLM, FullKV)
+    cls.name: cls for cls in (ChunkKV, SnapKV, PyramidKV, H2O, StreamingLLM, FullKV, ClusterKV)
 }
 
 

@@ -1,0 +1,276 @@
+"""ClusterKV: recallable KV selection by semantic clusters of keys, at every decode step.
+
+Nothing is evicted: the prompt is prefilled in full (`select` returns None). Afterwards each layer's
+keys (sinks excluded) are clustered per KV head with cosine k-means; while `decoding(state)` is
+active, every decode step of a layer past `full_layers` attends with exact softmax only to the sinks,
+the best-scoring clusters (cut to the budget exactly) and the not-yet-clustered recent tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from chunkkv_cli.compress.base import Compressor, group_queries
+from chunkkv_cli.errors import ChunkKVError
+
+
+@dataclass
+class ClusterKV(Compressor):
+    """Attend, per decode step, to the key clusters closest to the query.
+
+    Based on ClusterKV (Liu et al., 2024, https://arxiv.org/abs/2412.03213).
+
+    Parameters
+    ----------
+    budget : int, default 1024
+        Tokens attended per decode step and KV head, sinks and recent tokens included.
+    sinks : int, default 16
+        The first tokens, always attended and never clustered.
+    tokens_per_cluster : int, default 80
+        Prompt keys per cluster (400 clusters at 32k tokens).
+    iterations : int, default 20
+        Lloyd iterations of k-means.
+    full_layers : int, default 2
+        The first layers keep full attention.
+    recluster_every : int, default 320
+        Generated tokens are attended in full until this many have accumulated, then clustered
+        into `new_clusters` clusters appended to the layer's (older clusters are kept as they are).
+    new_clusters : int, default 8
+    """
+
+    budget: int | None = 1024
+    sinks: int = 16
+    tokens_per_cluster: int = 80
+    iterations: int = 20
+    full_layers: int = 2
+    recluster_every: int = 320
+    new_clusters: int = 8
+
+    name: ClassVar[str] = "clusterkv"
+    compresses: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for flag, value in (("--sinks", self.sinks), ("--full-layers", self.full_layers)):
+            if value < 0:
+                raise ChunkKVError(f"{flag} must be 0 or more, got {value}")
+        if min(self.tokens_per_cluster, self.iterations, self.recluster_every, self.new_clusters) < 1:
+            raise ChunkKVError("clusterkv: tokens_per_cluster, iterations, recluster_every and new_clusters must be >= 1")
+
+    def kept_tokens(self, kv_len: int) -> int:
+        return kv_len  # nothing is evicted; the budget applies per decode step
+
+    def select(self, query, key, layer_idx, n_layers, scaling):
+        return None
+
+    def step_budget(self) -> int:
+        return self.budget if self.budget is not None else 1024
+
+
+def kmeans_cosine(keys: torch.Tensor, n_clusters: int, iterations: int = 20, generator=None):
+    """Spherical k-means, batched over the leading dims.
+
+    keys: (batch, kv_heads, n, head_dim). Initial centroids are n_clusters evenly spaced tokens, or a
+    random sample when `generator` is given. An empty cluster is re-seeded with the token worst served
+    by its current centroid; during the first half of the iterations `split_merge` also moves one of
+    the two most similar centroids onto the worst-served token when that token is further from its
+    centroid than they are from each other (Lloyd alone keeps two seeds in one cluster). Returns unit centroids (batch, kv_heads, n_clusters, head_dim), float32,
+    and assignments (batch, kv_heads, n) in [0, n_clusters).
+    """
+    b, h, n, d = keys.shape
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters must be in [1, {n}], got {n_clusters}")
+    x = F.normalize(keys.float(), dim=-1)
+    if generator is None:
+        start = torch.linspace(0, n - 1, n_clusters, device=keys.device).round().long().expand(b, h, -1)
+    else:
+        noise = torch.rand(b, h, n, generator=generator, device=generator.device).to(keys.device)
+        start = noise.argsort(dim=-1)[..., :n_clusters]
+    centroids = x.gather(2, start[..., None].expand(-1, -1, -1, d))
+    for step in range(iterations):
+        best, assign = (x @ centroids.transpose(-1, -2)).max(dim=-1)
+        sums = torch.zeros_like(centroids).scatter_add_(2, assign[..., None].expand(-1, -1, -1, d), x)
+        counts = torch.zeros(b, h, n_clusters, device=x.device).scatter_add_(2, assign, torch.ones_like(best))
+        empty = counts == 0
+        # The k-th empty cluster takes the k-th worst-served token.
+        worst = best.topk(n_clusters, dim=-1, largest=False).indices
+        rank = (empty.long().cumsum(-1) - 1).clamp(min=0)
+        reseed = x.gather(2, worst.gather(2, rank)[..., None].expand(-1, -1, -1, d))
+        centroids = torch.where(empty[..., None], reseed, F.normalize(sums, dim=-1))
+        if step < iterations // 2:
+            centroids = split_merge(centroids, x, best)
+    assign = (x @ centroids.transpose(-1, -2)).argmax(dim=-1)
+    return centroids, assign
+
+
+def split_merge(centroids: torch.Tensor, x: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Move one centroid of the closest pair onto the worst-served token if that token is the lonelier.
+
+    centroids: (batch, kv_heads, C, d); x: unit tokens (batch, kv_heads, n, d); best: each token's
+    similarity to its centroid (batch, kv_heads, n). One move per (batch, kv_head) and call.
+    """
+    n_clusters, d = centroids.shape[-2:]
+    if n_clusters < 2:
+        return centroids
+    pair = centroids @ centroids.transpose(-1, -2)
+    pair.diagonal(dim1=-2, dim2=-1).fill_(-2.0)
+    closest, flat = pair.flatten(-2).max(dim=-1)
+    lonely, token = best.min(dim=-1)
+    moved = (flat % n_clusters)[..., None, None]
+    target = x.gather(2, token[..., None, None].expand(-1, -1, 1, d))
+    swap = (lonely < closest)[..., None, None] & (torch.arange(n_clusters, device=x.device)[:, None] == moved)
+    return torch.where(swap, target, centroids)
+
+
+def members(assignments: torch.Tensor, n_clusters: int, first: int = 0):
+    """CSR layout of the clusters: token positions sorted by cluster, and each cluster's start.
+
+    assignments: (batch, kv_heads, n) for tokens first, first + 1, ... Returns order (batch, kv_heads, n)
+    of absolute positions and offsets (batch, kv_heads, n_clusters + 1).
+    """
+    order = assignments.argsort(dim=-1, stable=True) + first
+    counts = torch.zeros(*assignments.shape[:-1], n_clusters, dtype=torch.long, device=assignments.device)
+    counts.scatter_add_(-1, assignments, torch.ones_like(assignments))
+    return order, F.pad(counts.cumsum(-1), (1, 0))
+
+
+def cluster_scores(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """q·centroid summed over the query heads of each KV group: (batch, kv_heads, n_clusters).
+
+    query: (batch, q_heads, 1, head_dim). The paper selects per query head; summing over the group
+    gives one selection per KV head, so the gathered K/V are shared by the group (as GQA stores them).
+    """
+    q = group_queries(query.float(), centroids.shape[1]).sum(dim=2)  # (b, kv_heads, 1, d)
+    return (q @ centroids.transpose(-1, -2)).squeeze(-2)
+
+
+def select_tokens(query, centroids, order, offsets, budget: int):
+    """Positions of the members of the best clusters, best first, cut to `budget` exactly.
+
+    query: (batch, q_heads, 1, head_dim); centroids: (batch, kv_heads, n_clusters, head_dim);
+    order/offsets: the CSR layout from `members`. Returns (batch, kv_heads, min(budget, n_clustered)).
+    """
+    n_kept = min(budget, order.shape[-1])
+    sizes = offsets.diff(dim=-1)
+    ranked = cluster_scores(query, centroids).argsort(dim=-1, descending=True)
+    ends = sizes.gather(-1, ranked).cumsum(-1)  # end of each ranked cluster in the concatenation
+    slots = torch.arange(n_kept, device=order.device).expand(*order.shape[:-1], n_kept).contiguous()
+    rank = torch.searchsorted(ends, slots, right=True)  # empty clusters are skipped
+    within = slots - (ends.gather(-1, rank) - sizes.gather(-1, ranked.gather(-1, rank)))
+    return order.gather(-1, offsets.gather(-1, ranked.gather(-1, rank)) + within)
+
+
+@dataclass
+class LayerClusters:
+    """One layer's clusters: unit centroids (batch, kv_heads, C, d), members in CSR form, clustered span."""
+
+    centroids: torch.Tensor
+    order: torch.Tensor
+    offsets: torch.Tensor
+    clustered_end: int  # tokens [sinks, clustered_end) are clustered; later ones are "recent"
+
+    def append(self, keys: torch.Tensor, n_clusters: int, iterations: int) -> None:
+        """Cluster keys (the next tokens after clustered_end) and add their clusters."""
+        centroids, assign = kmeans_cosine(keys, min(n_clusters, keys.shape[2]), iterations)
+        order, offsets = members(assign, centroids.shape[2], self.clustered_end)
+        self.centroids = torch.cat([self.centroids, centroids], dim=2)
+        self.order = torch.cat([self.order, order], dim=-1)
+        self.offsets = torch.cat([self.offsets, offsets[..., 1:] + self.offsets[..., -1:]], dim=-1)
+        self.clustered_end += keys.shape[2]
+
+
+class ClusterState:
+    """Per-layer clusters of a prefilled cache; routes decode attention while `decoding(self)` is active."""
+
+    def __init__(self, compressor: ClusterKV, layers: list[LayerClusters | None], seconds: float = 0.0):
+        self.compressor = compressor
+        self.layers = layers
+        self.seconds = seconds
+
+    @classmethod
+    @torch.inference_mode()
+    def build(cls, compressor: ClusterKV, cache) -> "ClusterState":
+        """Cluster every layer's cached keys (after `full_layers`), sinks excluded."""
+        start = time.perf_counter()
+        layers: list[LayerClusters | None] = []
+        for layer_idx, layer in enumerate(cache.layers):
+            if layer_idx < compressor.full_layers:
+                layers.append(None)
+                continue
+            keys = layer.keys
+            sinks = min(compressor.sinks, keys.shape[2])
+            b, h, _, d = keys.shape
+            state = LayerClusters(
+                keys.new_zeros(b, h, 0, d, dtype=torch.float32),
+                torch.zeros(b, h, 0, dtype=torch.long, device=keys.device),
+                torch.zeros(b, h, 1, dtype=torch.long, device=keys.device),
+                sinks,
+            )
+            prompt = keys[:, :, sinks:]
+            if prompt.shape[2]:
+                n_clusters = math.ceil(prompt.shape[2] / compressor.tokens_per_cluster)
+                state.append(prompt, n_clusters, compressor.iterations)
+            layers.append(state)
+        if cache.layers and cache.layers[-1].keys is not None and cache.layers[-1].keys.device.type == "cuda":
+            torch.cuda.synchronize(cache.layers[-1].keys.device)
+        return cls(compressor, layers, time.perf_counter() - start)
+
+    def indices(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        """Positions attended by this decode step: sinks + selected + recent, (batch, kv_heads, n)."""
+        if layer_idx >= len(self.layers) or self.layers[layer_idx] is None:
+            return None
+        comp, state = self.compressor, self.layers[layer_idx]
+        kv_len = key.shape[2]
+        if kv_len - state.clustered_end > comp.recluster_every:
+            end = state.clustered_end + comp.recluster_every
+            state.append(key[:, :, state.clustered_end : end], comp.new_clusters, comp.iterations)
+        sinks = min(comp.sinks, state.clustered_end)
+        room = max(0, comp.step_budget() - sinks - (kv_len - state.clustered_end))
+        chosen = select_tokens(query, state.centroids, state.order, state.offsets, room)
+        lead = chosen.shape[:-1]
+        sink_idx = torch.arange(sinks, device=key.device).expand(*lead, sinks)
+        recent = torch.arange(state.clustered_end, kv_len, device=key.device).expand(*lead, kv_len - state.clustered_end)
+        return torch.cat([sink_idx, chosen, recent], dim=-1)
+
+    def attend(self, layer_idx: int, query, key, value, scaling: float):
+        """Exact softmax over the selected tokens; None means full attention for this layer.
+
+        query: (batch, q_heads, 1, d); key/value: (batch, kv_heads, kv_len, d).
+        Returns (batch, 1, q_heads, d) like transformers' attention functions.
+        """
+        idx = self.indices(layer_idx, query, key)
+        if idx is None:
+            return None
+        gather = idx[..., None].expand(-1, -1, -1, key.shape[-1])
+        k, v = key.gather(2, gather), value.gather(2, gather)
+        b, q_heads, _, d = query.shape
+        packed = group_queries(query, key.shape[1]).squeeze(-2)  # (b, kv_heads, group, d)
+        out = F.scaled_dot_product_attention(packed, k, v, scale=scaling)
+        return out.reshape(b, 1, q_heads, d)
+
+
+_active: ClusterState | None = None
+
+
+def active() -> ClusterState | None:
+    return _active
+
+
+@contextmanager
+def decoding(state: ClusterState):
+    """Make decode steps (one query per sequence) inside the block attend through `state`."""
+    global _active
+    if _active is not None:
+        raise RuntimeError("a clusterkv decoding state is already active")
+    _active = state
+    try:
+        yield state
+    finally:
+        _active = None
