@@ -18,7 +18,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from chunkkv_cli.compress import Compressor, clusterkv
-from chunkkv_cli.compress.base import gather_tokens
+from chunkkv_cli.compress.base import gather_tokens, grouped_decode_attention
 from chunkkv_cli.errors import ChunkKVError
 
 ATTENTION_NAME = "chunkkv_sdpa"
@@ -37,7 +37,7 @@ def compressing_attention(module, query, key, value, attention_mask, **kwargs):
         raise ChunkKVError("models with sliding-window attention layers are not supported yet")
     valid = kwargs.pop(STATIC_VALID_KWARG, None)
     if valid is not None:
-        return static_decode_attention(query, key, value, valid[module.layer_idx], kwargs.get("scaling")), None
+        return grouped_decode_attention(query, key, value, kwargs.get("scaling"), valid[module.layer_idx]), None
     q_len, kv_len = query.shape[2], key.shape[2]
     if q_len == 1 and clusterkv.active() is not None:  # recallable selection at decode time
         output = clusterkv.active().attend(module.layer_idx, query, key, value, kwargs.get("scaling") or module.scaling)
@@ -51,21 +51,6 @@ def compressing_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 STATIC_VALID_KWARG = "chunkkv_valid_slots"
-
-
-def static_decode_attention(query, key, value, valid, scaling):
-    """One new token per sequence against preallocated K/V buffers whose filled slots `valid` marks.
-
-    query: (batch, q_heads, 1, d); key/value: (batch, kv_heads, capacity, d); valid: (batch, capacity).
-    The query heads of a KV group become the query rows of one SDPA call, so K/V are never repeated.
-    Returns (batch, 1, q_heads, d) like transformers' attention functions.
-    """
-    b, q_heads, _, d = query.shape
-    kv_heads = key.shape[1]
-    packed = query.view(b, kv_heads, q_heads // kv_heads, d)
-    mask = valid[:, None, None, :]
-    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(b, 1, q_heads, d)
 
 
 AttentionInterface.register(ATTENTION_NAME, compressing_attention)

@@ -133,3 +133,16 @@ def gather_tokens(states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     if indices.dim() == 2:
         indices = indices[:, None, :].expand(-1, states.shape[1], -1)
     return states.gather(2, indices[..., None].expand(-1, -1, -1, states.shape[-1]))
+
+
+def grouped_decode_attention(query, key, value, scaling, mask=None) -> torch.Tensor:
+    """Attention of one new token per sequence, with the query heads of a KV group as the rows of one SDPA call.
+
+    query: (batch, q_heads, 1, d); key/value: (batch, kv_heads, n, d); mask: (batch, n) bool, True = attend.
+    K/V are never repeated per query head. Returns (batch, 1, q_heads, d) like transformers' attention functions.
+    """
+    b, q_heads, _, d = query.shape
+    packed = group_queries(query, key.shape[1]).squeeze(-2)  # (batch, kv_heads, group, d)
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attn_mask, scale=scaling)
+    return out.reshape(b, 1, q_heads, d)

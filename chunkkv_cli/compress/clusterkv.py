@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from chunkkv_cli.compress.base import Compressor, group_queries
+from chunkkv_cli.compress.base import Compressor, gather_tokens, grouped_decode_attention, group_queries
 from chunkkv_cli.errors import ChunkKVError
 
 
@@ -248,12 +248,7 @@ class ClusterState:
         idx = self.indices(layer_idx, query, key)
         if idx is None:
             return None
-        gather = idx[..., None].expand(-1, -1, -1, key.shape[-1])
-        k, v = key.gather(2, gather), value.gather(2, gather)
-        b, q_heads, _, d = query.shape
-        packed = group_queries(query, key.shape[1]).squeeze(-2)  # (b, kv_heads, group, d)
-        out = F.scaled_dot_product_attention(packed, k, v, scale=scaling)
-        return out.reshape(b, 1, q_heads, d)
+        return grouped_decode_attention(query, gather_tokens(key, idx), gather_tokens(value, idx), scaling)
 
 
 _active: ClusterState | None = None
