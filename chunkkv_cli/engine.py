@@ -23,6 +23,8 @@ from chunkkv_cli.errors import ChunkKVError
 
 ATTENTION_NAME = "chunkkv_sdpa"
 _active: "CompressionSession | None" = None
+# Keyword the fast decoder passes through the model's forward: per layer, which static-buffer slots are filled.
+STATIC_VALID_KWARG = "chunkkv_valid_slots"
 
 
 def bottom_right_causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -35,22 +37,20 @@ def compressing_attention(module, query, key, value, attention_mask, **kwargs):
     """SDPA that builds its own causal mask (layer lengths may differ after compression) and compresses on prefill."""
     if kwargs.get("sliding_window"):
         raise ChunkKVError("models with sliding-window attention layers are not supported yet")
+    scaling = kwargs.get("scaling") or module.scaling
     valid = kwargs.pop(STATIC_VALID_KWARG, None)
     if valid is not None:
-        return grouped_decode_attention(query, key, value, kwargs.get("scaling"), valid[module.layer_idx]), None
+        return grouped_decode_attention(query, key, value, scaling, valid[module.layer_idx]), None
     q_len, kv_len = query.shape[2], key.shape[2]
     if q_len == 1 and clusterkv.active() is not None:  # recallable selection at decode time
-        output = clusterkv.active().attend(module.layer_idx, query, key, value, kwargs.get("scaling") or module.scaling)
+        output = clusterkv.active().attend(module.layer_idx, query, key, value, scaling)
         if output is not None:
             return output, None
     mask = bottom_right_causal_mask(q_len, kv_len, query.device) if 1 < q_len < kv_len else None
     output, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     if _active is not None and q_len == kv_len:
-        _active.compress_layer(module.layer_idx, query, key, value, kwargs.get("scaling") or module.scaling)
+        _active.compress_layer(module.layer_idx, query, key, value, scaling)
     return output, None
-
-
-STATIC_VALID_KWARG = "chunkkv_valid_slots"
 
 
 AttentionInterface.register(ATTENTION_NAME, compressing_attention)
