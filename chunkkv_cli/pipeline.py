@@ -78,6 +78,21 @@ def recall_active(state):
     return decoding(state) if state is not None else nullcontext()
 
 
+def stream_answer(
+    model, tokenizer, cache, logits, start_pos: int, max_new_tokens: int, on_text=None, temperature=0.0, top_p=1.0,
+    decoder: str = "hf",
+) -> tuple[str, int, float]:
+    """Decode from `cache` after `logits`, streaming text to `on_text`; returns (text, new tokens, seconds)."""
+    device = logits.device
+    stops = eos_ids(model, tokenizer)
+    stream = TextStream(tokenizer, on_text, stops)
+    start = time.perf_counter()
+    tokens = decode(model, cache, logits, start_pos, max_new_tokens, stops, temperature, top_p, stream, decoder)
+    synchronize(device)
+    text = stream.text.strip() or tokenizer.decode(stream.ids, skip_special_tokens=True).strip()
+    return text, tokens.shape[1], time.perf_counter() - start
+
+
 def answer(
     model,
     tokenizer,
@@ -97,18 +112,13 @@ def answer(
     pre = prefill(model, input_ids, [target], on_layer)
     kept = kept_lengths(target.cache)
     kept_bytes = cache_bytes(target.cache)
-    stops = eos_ids(model, tokenizer)
-    stream = TextStream(tokenizer, on_text, stops)
     recall = recall_state(compressor, target.cache, decoder)
-    start = time.perf_counter()
     with recall_active(recall):
-        tokens = decode(
-            model, target.cache, pre.logits, len(ids), max_new_tokens, stops, temperature, top_p, stream, decoder
+        text, new_tokens, decode_seconds = stream_answer(
+            model, tokenizer, target.cache, pre.logits, len(ids), max_new_tokens, on_text, temperature, top_p, decoder
         )
-    synchronize(device)
-    decode_seconds = time.perf_counter() - start
     return Answer(
-        text=stream.text.strip() or tokenizer.decode(stream.ids, skip_special_tokens=True).strip(),
+        text=text,
         prompt_tokens=len(ids),
         kept_tokens=sum(kept) / len(kept),
         full_kv_bytes=pre.full_bytes,
@@ -116,5 +126,5 @@ def answer(
         prefill_seconds=pre.seconds,
         compress_seconds=pre.compress_seconds + (recall.seconds if recall is not None else 0.0),
         decode_seconds=decode_seconds,
-        new_tokens=tokens.shape[1],
+        new_tokens=new_tokens,
     )

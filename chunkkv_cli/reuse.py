@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from chunkkv_cli.compress import Compressor
 from chunkkv_cli.engine import store_layer
 from chunkkv_cli.generate import decode, new_target, prefill, synchronize, use_compressing_attention
-from chunkkv_cli.pipeline import Answer, TextStream, eos_ids
+from chunkkv_cli.pipeline import Answer, stream_answer
 
 
 @dataclass
@@ -88,11 +88,16 @@ def append(model, cache, ids: list[int], start_pos: int) -> torch.Tensor:
     return out.logits[:, -1].float()
 
 
-def question_tokens(model, prefix: CompressedPrefix, question_ids: list[int], max_new_tokens: int = 128, **kwargs):
-    """Greedy (or sampled) token ids, (1, n_generated), answering from a copy of `prefix`; `kwargs` go to decode."""
+def with_question(model, prefix: CompressedPrefix, question_ids: list[int]):
+    """A copy of `prefix` with the question appended: (cache, last logits, position of the first answer token)."""
     cache = cache_copy(model, prefix)
     logits = append(model, cache, question_ids, prefix.prefix_len)
-    start_pos = prefix.prefix_len + len(question_ids)
+    return cache, logits, prefix.prefix_len + len(question_ids)
+
+
+def question_tokens(model, prefix: CompressedPrefix, question_ids: list[int], max_new_tokens: int = 128, **kwargs):
+    """Greedy (or sampled) token ids, (1, n_generated), answering from a copy of `prefix`; `kwargs` go to decode."""
+    cache, logits, start_pos = with_question(model, prefix, question_ids)
     return decode(model, cache, logits, start_pos, max_new_tokens, **kwargs)
 
 
@@ -112,26 +117,23 @@ def answer_question(
     prefill_seconds is the question's append alone; compress_seconds is 0 (the prefix was compressed before).
     """
     device = next(model.parameters()).device
-    stops = eos_ids(model, tokenizer)
-    stream = TextStream(tokenizer, on_text, stops)
     synchronize(device)
     start = time.perf_counter()
-    cache = cache_copy(model, prefix)
-    logits = append(model, cache, question_ids, prefix.prefix_len)
+    cache, logits, start_pos = with_question(model, prefix, question_ids)
     synchronize(device)
-    appended = time.perf_counter()
-    start_pos = prefix.prefix_len + len(question_ids)
-    tokens = decode(model, cache, logits, start_pos, max_new_tokens, stops, temperature, top_p, stream, decoder)
-    synchronize(device)
+    appended = time.perf_counter() - start
+    text, new_tokens, decode_seconds = stream_answer(
+        model, tokenizer, cache, logits, start_pos, max_new_tokens, on_text, temperature, top_p, decoder
+    )
     kept = prefix.kept_lengths()
     return Answer(
-        text=stream.text.strip() or tokenizer.decode(stream.ids, skip_special_tokens=True).strip(),
+        text=text,
         prompt_tokens=start_pos,
         kept_tokens=sum(kept) / len(kept),
         full_kv_bytes=prefix.full_bytes,
         kept_kv_bytes=prefix.kept_bytes(),
-        prefill_seconds=appended - start,
+        prefill_seconds=appended,
         compress_seconds=0.0,
-        decode_seconds=time.perf_counter() - appended,
-        new_tokens=tokens.shape[1],
+        decode_seconds=decode_seconds,
+        new_tokens=new_tokens,
     )
