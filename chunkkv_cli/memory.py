@@ -134,12 +134,15 @@ def memory_report(
     budget: int | None = None,
     dtype: str = "fp16",
     gpu_mem: str | int = DEFAULT_GPU_MEM,
+    gpus: int = 1,
 ) -> dict:
-    """Everything `chunkkv memory` shows, as a flat dict of ints, floats and strings.
+    """Everything `chunkkv memory` shows, as a flat dict of ints, floats, strings and (per_gpu) a list.
 
     Limits "with compression" count the prefill peak: the cache is compressed layer by layer, so while
     the last layer is being compressed the other layers hold `kept` tokens and that layer all `seq`.
-    Weights are counted at `dtype`; activations are not counted.
+    Weights are counted at `dtype`; activations are not counted. With `gpus` > 1 the layers, their
+    weights and their KV are split as `layer_blocks` and `weight_split` say, `gpu_mem` is each GPU's
+    memory, and every limit is that of the GPU that fills first.
     """
     seq = parse_size(seq)
     if batch < 1:
@@ -151,18 +154,30 @@ def memory_report(
     gpu_bytes = parse_bytes(gpu_mem)
     layers, kv_heads, head_dim = profile.num_layers, profile.num_kv_heads, profile.head_dim
 
-    def full_bytes(b: int, s: int) -> int:
-        return kv_bytes(b, s, layers, kv_heads, head_dim, n_bytes)
+    def full_bytes(b: int, s: int, n_layers: int = layers) -> int:
+        return kv_bytes(b, s, n_layers, kv_heads, head_dim, n_bytes)
 
-    def compressed_peak_bytes(b: int, s: int) -> int:
-        compressed_layers = kv_bytes(b, kept_tokens(s, ratio, budget), layers - 1, kv_heads, head_dim, n_bytes)
-        return compressed_layers + kv_bytes(b, s, 1, kv_heads, head_dim, n_bytes)
+    def compressed_peak_bytes(b: int, s: int, n_layers: int = layers) -> int:
+        compressed_layers = full_bytes(b, kept_tokens(s, ratio, budget), n_layers - 1)
+        return compressed_layers + full_bytes(b, s, 1)
 
     n_kept = kept_tokens(seq, ratio, budget)
     gqa = full_bytes(batch, seq)
     compressed = full_bytes(batch, n_kept)
     weights = profile.weight_bytes(dtype)
-    free = gpu_bytes - weights
+    blocks = layer_blocks(layers, gpus)
+    per_gpu_weights = weight_split(profile, dtype, blocks)
+    frees = [gpu_bytes - w for w in per_gpu_weights]
+
+    def limit(bytes_for: Callable[[int, int, int], int]) -> Callable[[int], int]:
+        """Bytes over the limit on the GPU that fills first, as a function of the prompt length."""
+        return lambda s: max(bytes_for(batch, s, len(b)) - free for b, free in zip(blocks, frees))
+
+    per_gpu = [
+        gpu_share(index, block, w, gpu_bytes, full_bytes(batch, seq, len(block)),
+                  full_bytes(batch, n_kept, len(block)), compressed_peak_bytes(batch, seq, len(block)))
+        for index, (block, w) in enumerate(zip(blocks, per_gpu_weights))
+    ]  # fmt: skip
     return {
         "model": profile.name,
         "hf_id": profile.hf_id,
@@ -188,9 +203,59 @@ def memory_report(
         "compressed_peak_bytes": compressed_peak_bytes(batch, seq),
         "param_count": profile.param_count(),
         "weight_bytes": weights,
-        "free_bytes": free,
-        "max_batch_full": max_batch(free, full_bytes(1, seq)),
-        "max_batch_compressed": max_batch(free, compressed_peak_bytes(1, seq)),
-        "max_seq_full": max_seq(free, lambda s: full_bytes(batch, s)),
-        "max_seq_compressed": max_seq(free, lambda s: compressed_peak_bytes(batch, s)),
+        "free_bytes": sum(frees),
+        "gpus": gpus,
+        "fits_full": all(share["fits_full"] for share in per_gpu),
+        "fits_compressed": all(share["fits_compressed"] for share in per_gpu),
+        "max_batch_full": min(max_batch(f, full_bytes(1, seq, len(b))) for b, f in zip(blocks, frees)),
+        "max_batch_compressed": min(
+            max_batch(f, compressed_peak_bytes(1, seq, len(b))) for b, f in zip(blocks, frees)
+        ),
+        "max_seq_full": max_seq(0, limit(full_bytes)),
+        "max_seq_compressed": max_seq(0, limit(compressed_peak_bytes)),
+        "per_gpu": per_gpu,
+    }
+
+
+def layer_blocks(n_layers: int, gpus: int) -> list[range]:
+    """Each GPU's layers: contiguous blocks in order, equal in size, the first `n_layers % gpus` one layer larger."""
+    if gpus < 1:
+        raise ChunkKVError(f"--gpus must be a positive number of GPUs, got {gpus}")
+    if gpus > n_layers:
+        raise ChunkKVError(f"--gpus {gpus} is more GPUs than the model's {n_layers} layers: use at most {n_layers}")
+    size, larger = divmod(n_layers, gpus)
+    starts = [index * size + min(index, larger) for index in range(gpus + 1)]
+    return [range(start, stop) for start, stop in zip(starts, starts[1:])]
+
+
+def weight_split(profile, dtype: str, blocks: list[range]) -> list[int]:
+    """Weight bytes on each GPU: its layers; the embeddings on the first GPU; the final norm and lm_head on the last.
+
+    A tied lm_head is the embedding matrix, so it adds nothing (it stays with the embeddings).
+    """
+    embeddings = profile.vocab_size * profile.hidden_size
+    lm_head = 0 if profile.tie_word_embeddings else embeddings
+    final_norm = profile.hidden_size
+    per_layer = (profile.param_count() - embeddings - lm_head - final_norm) // profile.num_layers
+    params = [per_layer * len(block) for block in blocks]
+    params[0] += embeddings
+    params[-1] += final_norm + lm_head
+    return [n * dtype_bytes(dtype) for n in params]
+
+
+def gpu_share(
+    index: int, block: range, weights: int, gpu_bytes: int, full: int, compressed: int, compressed_peak: int
+) -> dict:
+    """One GPU's row of `memory --gpus`: its layers, weights and KV, and whether each cache fits beside them."""
+    return {
+        "gpu": index,
+        "first_layer": block.start,
+        "last_layer": block.stop - 1,
+        "weight_bytes": weights,
+        "full_kv_bytes": full,
+        "compressed_kv_bytes": compressed,
+        "compressed_peak_bytes": compressed_peak,
+        "free_bytes": gpu_bytes - weights,
+        "fits_full": weights + full <= gpu_bytes,
+        "fits_compressed": weights + compressed_peak <= gpu_bytes,
     }

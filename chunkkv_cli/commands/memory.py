@@ -22,6 +22,8 @@ EXAMPLES = """[b]Examples[/b]
   chunkkv memory --model qwen2.5-7b --seq 32k --budget 1024 --batch 8 --json
 
   chunkkv memory --model smollm2-135m --seq 4k --measure
+
+  chunkkv memory --model llama3-70b --seq 32k --dtype bf16 --gpus 2 --gpu-mem 141GB     # layers split over 2 GPUs
 """
 
 
@@ -42,6 +44,13 @@ def memory(
     gpu_mem: Annotated[
         str, typer.Option("--gpu-mem", help="GPU memory: 80GB (10^9 bytes), 80GiB (2^30 bytes), 141G.")
     ] = "80GB",
+    gpus: Annotated[
+        int,
+        typer.Option(
+            "--gpus",
+            help="GPUs the layers are split over (as `--device auto` does): weights and KV per GPU; --gpu-mem is each GPU's.",
+        ),
+    ] = 1,
     measure: Annotated[
         bool, typer.Option("--measure", help="Also build the cache for real (random weights) and count its bytes.")
     ] = False,
@@ -54,7 +63,7 @@ def memory(
     if batch < 1:
         raise ChunkKVError(f"--batch must be a positive number of sequences, got {batch}")
     profile = load_profile(model)
-    report = memory_report(profile, seq, batch, ratio, budget, dtype.value, gpu_mem)
+    report = memory_report(profile, seq, batch, ratio, budget, dtype.value, gpu_mem, gpus)
     if measure:
         report["measured"] = measure_cache(profile, report)
     if json_out:
@@ -101,9 +110,13 @@ def print_report(report: dict, gpu_mem: str) -> None:
     for label, n_bytes in rows:
         sizes.add_row(label, f"{n_bytes:,}", human_bytes(n_bytes))
     console.print(sizes)
+    if report["gpus"] > 1:
+        console.print(gpus_table(report, gpu_mem))
     console.print(fits_table(report, gpu_mem))
     for line in explanation(report):
         console.print(line, highlight=False)
+    if report["gpus"] > 1:
+        console.print(gpus_verdict(report, gpu_mem), highlight=False)
     if measured:
         console.print(f"Measured: {measured['note']}.", highlight=False)
 
@@ -120,7 +133,8 @@ def explanation(report: dict) -> list[str]:
 
 
 def fits_table(report: dict, gpu_mem: str) -> Table:
-    fits = Table(title=f"What fits in {gpu_mem} (weights included, activations not)")
+    where = gpu_mem if report["gpus"] == 1 else f"{report['gpus']} x {gpu_mem}"
+    fits = Table(title=f"What fits in {where} (weights included, activations not)")
     for column in ("limit", "full cache", "compressed"):
         fits.add_column(column, justify="left" if column == "limit" else "right")
     fits.add_row(
@@ -139,3 +153,39 @@ def fits_table(report: dict, gpu_mem: str) -> Table:
 def tokens_within_context(n_tokens: int, max_context: int) -> str:
     """'487,819*' when the length lies beyond the model's context."""
     return f"{n_tokens:,}" + ("*" if n_tokens > max_context else "")
+
+
+def gpus_table(report: dict, gpu_mem: str) -> Table:
+    """One row per GPU: its layers, weights, KV (full and compressed) and what it holds with each cache."""
+    from chunkkv_cli.memory import human_bytes
+
+    table = Table(title=f"Split by layer over {report['gpus']} GPUs of {gpu_mem} each (batch {report['batch']})")
+    for column in ("GPU: layers", "weights", "KV full", "KV compressed", "with full", "with compressed"):
+        table.add_column(column, justify="left" if column == "GPU: layers" else "right")
+    for share in report["per_gpu"]:
+        weights = share["weight_bytes"]
+        table.add_row(
+            f"{share['gpu']}: {share['first_layer']}-{share['last_layer']}",
+            human_bytes(weights),
+            human_bytes(share["full_kv_bytes"]),
+            human_bytes(share["compressed_kv_bytes"]),
+            fits_cell(weights + share["full_kv_bytes"], share["fits_full"]),
+            fits_cell(weights + share["compressed_peak_bytes"], share["fits_compressed"]),
+        )
+    return table
+
+
+def fits_cell(n_bytes: int, fits: bool) -> str:
+    from chunkkv_cli.memory import human_bytes
+
+    return human_bytes(n_bytes) if fits else f"[red]{human_bytes(n_bytes)}[/]"
+
+
+def gpus_verdict(report: dict, gpu_mem: str) -> str:
+    """'Fits on every GPU: full cache yes, compressed yes.' for `memory --gpus`."""
+    word = {True: "yes", False: "no"}
+    return (
+        f"Weights + KV on every GPU within {gpu_mem}: full cache {word[report['fits_full']]}, compressed "
+        f"{word[report['fits_compressed']]} ('with compressed' counts the prefill peak). Layers in equal "
+        "contiguous blocks, embeddings on the first GPU, the final norm and lm_head on the last."
+    )
