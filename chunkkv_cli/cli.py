@@ -68,7 +68,7 @@ def _root(
 
 
 def _register() -> None:
-    from chunkkv_cli.commands import ask, bench, compress, memory, profiles
+    from chunkkv_cli.commands import ask, batch, bench, compress, memory, profiles
     from chunkkv_cli.commands import eval as eval_cmd
     from chunkkv_cli.commands import inspect as inspect_cmd
 
@@ -80,6 +80,7 @@ def _register() -> None:
         ("inspect", inspect_cmd.inspect, inspect_cmd.EXAMPLES),
         ("bench", bench.bench, bench.EXAMPLES),
         ("eval", eval_cmd.eval_command, eval_cmd.EXAMPLES),
+        ("batch", batch.batch, batch.EXAMPLES),
     ]:
         app.command(name, epilog=epilog)(friendly_errors(fn))
 

@@ -1,0 +1,170 @@
+"""`chunkkv batch`: answer a JSONL file of (document, question) jobs; resumable; data-parallel under torchrun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from chunkkv_cli.commands import ask as ask_cmd
+from chunkkv_cli.commands.ask import Method, MethodOpt
+from chunkkv_cli.commands.options import (
+    DEFAULT_MODEL,
+    BudgetOpt,
+    ChunkSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    RatioOpt,
+    ReuseOpt,
+    TruncateOpt,
+    TrustRemoteCodeOpt,
+    WindowOpt,
+)
+from chunkkv_cli.errors import ChunkKVError
+
+EXAMPLES = """[b]Examples[/b]
+
+  chunkkv batch jobs.jsonl -o answers.jsonl --ratio 0.2
+
+  chunkkv batch jobs.jsonl -o answers.jsonl --question-aware --json
+
+  torchrun --nproc-per-node 8 --no-python chunkkv batch jobs.jsonl -o answers.jsonl
+
+[b]Jobs file[/b]: JSONL, one job per line, e.g.
+
+  {"id": "q1", "document": "docs/a.md", "question": "Who signed it?"}
+
+  {"document": "docs/a.md", "question": "When?", "budget": 512, "meta": {"gold": "1911"}}
+
+document and question are required; a relative document path is read from the jobs file's folder. id (optional, unique) keys resume; it defaults to a hash of document, question, method, ratio and budget. method, ratio or budget (optional) replace the options for that job; meta (optional) is copied to its record. Any other key is an error.
+
+[b]Output[/b]: one JSON record per job, in input order: id, line, document, question, status (ok or error), answer, error, token counts, seconds, rank, settings and meta. Records are appended to ANSWERS.parts/ as jobs finish and merged into ANSWERS at the end. A rerun skips the jobs already answered and tries failed ones again. Exit code 1 when a job failed.
+
+Without --question-aware each document is compressed once without its questions (as `ask --questions`), which costs quality: see the README.
+"""
+
+
+def batch(
+    jobs: Annotated[Path, typer.Argument(help="JSONL file, one job per line: {\"document\": PATH, \"question\": TEXT} (see below).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Answers file: JSONL, one record per job, in input order.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    method: MethodOpt = Method.chunkkv,
+    ratio: RatioOpt = None,
+    budget: BudgetOpt = None,
+    chunk_size: ChunkSizeOpt = 10,
+    window: WindowOpt = 32,
+    reuse_layers: ReuseOpt = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate per answer.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; above 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (with --temperature).")] = 1.0,
+    truncate: TruncateOpt = False,
+    question_aware: Annotated[
+        bool,
+        typer.Option(
+            help="Prefill each job's whole prompt, so its question scores the document (as `ask DOC QUESTION`): "
+            "one prefill per job instead of one per document.",
+        ),
+    ] = False,
+    decoder: Annotated[str, typer.Option(help="hf (a transformers forward per token) or fast (experimental).")] = "hf",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Answer a JSONL file of (document, question) jobs: each document compressed once, resumable, data-parallel."""
+    from chunkkv_cli.batch import Rank, Settings, rank_device, run_batch
+    from chunkkv_cli.batch_runner import ModelRunner
+    from chunkkv_cli.jobs import read_jobs
+    from chunkkv_cli.profiles import load_profile
+
+    settings = Settings(
+        model, method.value, ratio, budget, chunk_size, window, reuse_layers, max_new_tokens, temperature, top_p,
+        truncate, question_aware, decoder,
+    )  # fmt: skip
+    check_settings(settings)
+    load_profile(model)  # an unknown model fails now, not at the first job
+    check_output(jobs, output)
+    job_list = read_jobs(jobs)
+    rank = Rank.from_env()
+    load = lambda: ask_cmd._load(model, rank_device(device, rank), dtype, trust_remote_code)  # noqa: E731
+    runner = ModelRunner(load, job_list, settings)
+    err = Console(stderr=True)
+    with _progress(err, rank.rank != 0) as progress:
+        reporter = Reporter(progress, rank.rank if rank.world > 1 else None)
+        summary = run_batch(job_list, output, runner, settings, rank, reporter.start, reporter.done)
+    if summary is None:
+        return  # ranks other than 0: rank 0 merges and reports
+    typer.echo(json.dumps(summary, indent=2) if json_out else summary_line(summary))
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+def check_settings(settings) -> None:
+    """Option errors before anything runs (ratio, budget and window are checked by the method itself)."""
+    from chunkkv_cli.compress import make_compressor
+
+    if settings.method == "clusterkv":
+        raise ChunkKVError("--method clusterkv selects tokens at every decode step; batch compresses documents once: "
+                           "use `chunkkv ask DOC QUESTION --method clusterkv`")  # fmt: skip
+    if settings.max_new_tokens < 1:
+        raise ChunkKVError("--max-new-tokens must be at least 1")
+    if settings.reuse_layers < 1:
+        raise ChunkKVError("--reuse-layers must be at least 1")
+    if settings.decoder not in ("hf", "fast"):
+        raise ChunkKVError(f"--decoder must be hf or fast, got {settings.decoder!r}")
+    make_compressor(settings.method, ratio=settings.ratio, budget=settings.budget, window=settings.window)
+
+
+def check_output(jobs: Path, output: Path) -> None:
+    if not output.parent.is_dir():
+        raise ChunkKVError(f"--output folder does not exist: {output.parent}")
+    if output.exists() and jobs.exists() and output.resolve() == jobs.resolve():
+        raise ChunkKVError("--output is the jobs file itself; give another path")
+
+
+class Reporter:
+    """Progress of this rank's jobs, and a warning line per failed job."""
+
+    def __init__(self, progress: Progress, rank: int | None):
+        self.progress, self.rank, self.task = progress, rank, None
+
+    def start(self, n_jobs: int) -> None:
+        self.task = self.progress.add_task("answering", total=n_jobs)
+
+    def done(self, record: dict) -> None:
+        self.progress.advance(self.task)
+        if record["status"] != "ok":
+            where = f"rank {self.rank}: " if self.rank is not None else ""
+            self.progress.console.print(
+                f"[yellow]warning:[/] {where}job {record['id']} (line {record['line']}) failed: {record['error']}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+def _progress(console: Console, quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=quiet or not console.is_terminal,
+    )
+
+
+def summary_line(s: dict) -> str:
+    ranks = f" over {s['ranks']} ranks" if s["ranks"] > 1 else ""
+    missing = f", {s['missing']} without a record" if s["missing"] else ""
+    return (
+        f"{s['output']}: {s['jobs']} jobs · {s['answered']} answered, {s['failed']} failed, {s['skipped']} skipped "
+        f"(answered before){missing} · {s['new_tokens']:,} new tokens in {s['seconds']:.1f} s "
+        f"({s['tokens_per_second']:.1f} tokens/s){ranks}"
+    )
