@@ -58,6 +58,19 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 30) -> float:
+    """Device memory bandwidth in bytes/s, measured: a copy reads and writes `n_bytes` each."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * 5 * n_bytes / (time.perf_counter() - start)
+
+
 class PeakMemory:
     """Peak GPU memory allocated inside a `with` block (None on CPU)."""
 

@@ -18,13 +18,13 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from chunkkv_cli.compress import Compressor, clusterkv
-from chunkkv_cli.compress.base import gather_tokens, grouped_decode_attention
+from chunkkv_cli.compress.base import gather_tokens
 from chunkkv_cli.errors import ChunkKVError
 
 ATTENTION_NAME = "chunkkv_sdpa"
 _active: "CompressionSession | None" = None
-# Keyword the fast decoder passes through the model's forward: per layer, which static-buffer slots are filled.
-STATIC_VALID_KWARG = "chunkkv_valid_slots"
+# Keyword the fast decoder passes through the model's forward: its StaticKV, which attends over its own buffers.
+STATIC_CACHE_KWARG = "chunkkv_static_cache"
 
 
 def bottom_right_causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -38,9 +38,9 @@ def compressing_attention(module, query, key, value, attention_mask, **kwargs):
     if kwargs.get("sliding_window"):
         raise ChunkKVError("models with sliding-window attention layers are not supported yet")
     scaling = kwargs.get("scaling") or module.scaling
-    valid = kwargs.pop(STATIC_VALID_KWARG, None)
-    if valid is not None:
-        return grouped_decode_attention(query, key, value, scaling, valid[module.layer_idx]), None
+    static = kwargs.pop(STATIC_CACHE_KWARG, None)
+    if static is not None:
+        return static.attend(module.layer_idx, query, key, value, scaling), None
     q_len, kv_len = query.shape[2], key.shape[2]
     if q_len == 1 and clusterkv.active() is not None:  # recallable selection at decode time
         output = clusterkv.active().attend(module.layer_idx, query, key, value, scaling)

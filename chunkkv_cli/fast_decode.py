@@ -9,9 +9,13 @@ the same shapes and addresses. On CUDA the step is captured once and replayed; o
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-from chunkkv_cli.engine import STATIC_VALID_KWARG, drop_layer
+from chunkkv_cli import decode_kernel
+from chunkkv_cli.compress.base import grouped_decode_attention
+from chunkkv_cli.engine import STATIC_CACHE_KWARG, drop_layer
 
 
 class StaticKV:
@@ -37,6 +41,7 @@ class StaticKV:
         positions = torch.arange(capacity, device=self.keys[0].device)
         self.write_pos = torch.tensor(lengths, device=self.keys[0].device)
         self.valid = (positions[None, :] < self.write_pos[:, None])[:, None, :].expand(-1, batch, -1).contiguous()
+        self.filled = self.write_pos[:, None].expand(-1, batch).to(torch.int32).contiguous()
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Write one new token's K/V at this layer's next slot; return the whole buffers."""
@@ -49,6 +54,13 @@ class StaticKV:
         """Mark every layer's next slot as filled (the new token attends to itself)."""
         index = self.write_pos.view(-1, 1, 1).expand(-1, self.valid.shape[1], 1)
         self.valid.scatter_(2, index, True)
+        self.filled += 1
+
+    def attend(self, layer_idx: int, query, key, value, scaling: float) -> torch.Tensor:
+        """One new token per sequence over this layer's filled slots: split-KV Triton kernel on CUDA, else SDPA."""
+        if decode_kernel.available(query.device, query.shape[-1]):
+            return decode_kernel.decode_attention(query, key, value, self.filled[layer_idx], scaling)
+        return grouped_decode_attention(query, key, value, scaling, self.valid[layer_idx])
 
     def advance(self) -> None:
         self.write_pos += 1
@@ -61,11 +73,27 @@ class StaticKV:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-class FastDecoder:
-    """`step(token) -> logits` over a StaticKV; graph-captured on CUDA at the first step."""
+_compiled = weakref.WeakKeyDictionary()
 
-    def __init__(self, model, cache, start_pos: int, new_tokens: int, use_graph: bool | None = None):
-        self.model = model
+
+def compiled_forward(model):
+    """The model's forward compiled by Inductor (fused norms, RoPE and activations); once per model.
+
+    The first step of each new cache shape compiles (tens of seconds for an 8B model); later ones reuse it.
+    """
+    if model not in _compiled:
+        import torch._inductor.config as inductor
+
+        inductor.coordinate_descent_tuning = True  # better batch-1 matrix-vector kernels, slower compile
+        _compiled[model] = torch.compile(model, dynamic=False)
+    return _compiled[model]
+
+
+class FastDecoder:
+    """`step(token) -> logits` over a StaticKV; graph-captured on CUDA at the first step, optionally compiled."""
+
+    def __init__(self, model, cache, start_pos: int, new_tokens: int, use_graph: bool | None = None, compile=False):
+        self.model = compiled_forward(model) if compile else model
         self.static = StaticKV(cache, new_tokens)
         device = self.static.write_pos.device
         batch = self.static.valid.shape[1]
@@ -82,7 +110,7 @@ class FastDecoder:
             past_key_values=self.static,
             position_ids=self.position,
             use_cache=True,
-            **{STATIC_VALID_KWARG: self.static.valid},
+            **{STATIC_CACHE_KWARG: self.static},
         )
         self.static.advance()
         self.position += 1
@@ -100,13 +128,14 @@ class FastDecoder:
 
     def _capture(self) -> None:
         """Warm up on a side stream (state restored afterwards), then record one step; capture runs nothing."""
-        saved = (self.static.write_pos.clone(), self.static.valid.clone(), self.position.clone())
+        state = (self.static.write_pos, self.static.valid, self.static.filled, self.position)
+        saved = [t.clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._forward()
         torch.cuda.current_stream().wait_stream(side)
-        for live, copy in zip((self.static.write_pos, self.static.valid, self.position), saved):
+        for live, copy in zip(state, saved):
             live.copy_(copy)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

@@ -85,14 +85,14 @@ def hf_step(model, cache, start_pos: int) -> Callable[[torch.Tensor], torch.Tens
     return step
 
 
-DECODERS = ("hf", "fast")
+DECODERS = ("hf", "fast", "compiled")
 
 
 def make_step(model, cache, start_pos: int, max_new_tokens: int, decoder: str = "hf"):
-    if decoder == "fast":
+    if decoder in ("fast", "compiled"):
         from chunkkv_cli.fast_decode import FastDecoder
 
-        return FastDecoder(model, cache, start_pos, max_new_tokens).step
+        return FastDecoder(model, cache, start_pos, max_new_tokens, compile=decoder == "compiled").step
     if decoder != "hf":
         raise ChunkKVError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     return hf_step(model, cache, start_pos)

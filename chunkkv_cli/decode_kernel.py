@@ -1,0 +1,137 @@
+"""Split-KV decode attention in Triton (flash-decoding) for the fast decoder's static buffers.
+
+One new query per sequence attends to the first `length` slots of a (batch, kv_heads, capacity, d)
+buffer. SDPA cannot do this well: with a slot mask it runs one thread block per (sequence, KV
+head) that walks the whole buffer alone, 8 blocks on a 132-SM GPU at batch 1. Here the buffer is
+cut into splits that run in parallel, each keeping a running max and sum (online softmax), and a
+second kernel merges the splits. The query heads of a KV group are the rows of one tile, so keys
+and values are read once per group, never repeated.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU wheels of torch come without Triton
+    triton = None
+
+BLOCK_N = 64
+TARGET_PROGRAMS = 256  # enough thread blocks to occupy every SM a few times over
+
+
+def available(device: torch.device, head_dim: int) -> bool:
+    """Triton present, a CUDA tensor, a power-of-two head size (tile shape), and not switched off."""
+    power_of_two = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return triton is not None and device.type == "cuda" and power_of_two and not os.environ.get("CHUNKKV_NO_TRITON")
+
+
+def split_plan(capacity: int, batch_heads: int) -> tuple[int, int]:
+    """(splits, tokens per split): enough splits to fill the GPU, each a whole number of blocks."""
+    blocks = triton.cdiv(capacity, BLOCK_N)
+    splits = max(1, min(blocks, TARGET_PROGRAMS // max(batch_heads, 1)))
+    chunk = triton.cdiv(blocks, splits) * BLOCK_N
+    return triton.cdiv(capacity, chunk), chunk
+
+
+@torch.library.custom_op("chunkkv::decode_attention", mutates_args=())
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """query (b, q_heads, 1, d); key/value (b, kv_heads, capacity, d); lengths (b,) int: filled slots.
+
+    Returns (b, 1, q_heads, d), the layout transformers' attention functions return. A custom op,
+    so torch.compile treats it as one opaque call.
+    """
+    b, q_heads, _, d = query.shape
+    kv_heads, capacity = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    group_pad = max(16, triton.next_power_of_2(group))
+    splits, chunk = split_plan(capacity, b * kv_heads)
+    partial = torch.empty(b * kv_heads * splits, group_pad, d, device=query.device, dtype=torch.float32)
+    stats = torch.empty(b * kv_heads * splits, group_pad, 2, device=query.device, dtype=torch.float32)
+    _split_attention[(b * kv_heads, splits)](
+        query, key, value, lengths, partial, stats,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), scaling,
+        KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, D=d, BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits,
+    )
+    out = torch.empty(b, 1, q_heads, d, device=query.device, dtype=query.dtype)
+    _merge_splits[(b * kv_heads, group)](
+        partial, stats, out, GROUP=group, GROUP_PAD=group_pad, D=d, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits)
+    )
+    return out
+
+
+@decode_attention.register_fake
+def _(query, key, value, lengths, scaling):
+    b, q_heads, _, d = query.shape
+    return query.new_empty(b, 1, q_heads, d)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_attention(
+        Q, K, V, LENGTHS, PARTIAL, STATS,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, scaling,
+        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+    ):
+        seq_head = tl.program_id(0)
+        split = tl.program_id(1)
+        b = seq_head // KV_HEADS
+        h = seq_head % KV_HEADS
+        rows = tl.arange(0, GROUP_PAD)
+        dims = tl.arange(0, D)
+        q = tl.load(
+            Q + b * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + dims[None, :],
+            mask=rows[:, None] < GROUP, other=0.0,
+        )
+        length = tl.load(LENGTHS + b)
+        start = split * CHUNK
+        end = tl.minimum(start + CHUNK, length)
+        best = tl.full([GROUP_PAD], -1.0e30, tl.float32)  # finite, so an empty split gives weight 0, not NaN
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], tl.float32)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        for n0 in range(start, end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            inside = cols < end
+            k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :], mask=inside[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scaling
+            scores = tl.where(inside[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, 1))
+            rescale = tl.exp(best - new_best)
+            p = tl.exp(scores - new_best[:, None])
+            v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :], mask=inside[:, None], other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+            total = total * rescale + tl.sum(p, 1)
+            best = new_best
+        slot = (seq_head * SPLITS + split) * GROUP_PAD + rows
+        tl.store(PARTIAL + slot[:, None] * D + dims[None, :], acc)
+        tl.store(STATS + slot * 2, best)
+        tl.store(STATS + slot * 2 + 1, total)
+
+    @triton.jit
+    def _merge_splits(
+        PARTIAL, STATS, OUT,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    ):
+        seq_head = tl.program_id(0)
+        row = tl.program_id(1)
+        splits = tl.arange(0, SPLITS_PAD)
+        dims = tl.arange(0, D)
+        used = splits < SPLITS
+        slot = (seq_head * SPLITS + splits) * GROUP_PAD + row
+        best = tl.load(STATS + slot * 2, mask=used, other=-1.0e30)
+        weight = tl.exp(best - tl.max(best, 0))
+        total = tl.sum(weight * tl.load(STATS + slot * 2 + 1, mask=used, other=0.0), 0)
+        partial = tl.load(PARTIAL + slot[:, None] * D + dims[None, :], mask=used[:, None], other=0.0)
+        out = tl.sum(partial * weight[:, None], 0) / total
+        tl.store(OUT + (seq_head * GROUP + row) * D + dims, out.to(OUT.dtype.element_ty))
