@@ -5,7 +5,8 @@ consecutive: the runner keeps that document's compressed prefix (`reuse.compress
 another, and answers each question with `reuse.answer_question`. A document that cannot be compressed (missing,
 too long, out of memory) fails each of its jobs with the same error without being tried again.
 `question_aware` prefills each job's whole prompt instead (`pipeline.answer`): the question then scores the
-document, at the price of one prefill per job.
+document, at the price of one prefill per job. It is also the only mode for a model spread over several
+devices: `reuse.cache_copy` puts every layer of a prefix copy on the first parameter's device.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class ModelRunner:
     """`runner(job, settings) -> dict` for `batch.run_batch`, loading the model on its first job."""
 
     def __init__(self, load: Callable[[], object], jobs: list[Job], settings: Settings):
-        self._load, self._loaded = load, None
+        self._load, self._loaded, self._devices = load, None, []
         self._jobs, self._settings = jobs, settings
         self._key, self._prefix = None, None  # the prefix held: a CompressedPrefix, or the error it raised
         self._longest: dict | None = None
@@ -31,15 +32,21 @@ class ModelRunner:
     def loaded(self):
         if self._loaded is None:
             try:
-                self._loaded = self._load()
+                loaded = self._load()
             except ChunkKVError as err:
                 raise RunnerError(str(err), err.exit_code) from err
+            self._loaded, self._devices = loaded, compute_devices(loaded.model)
         return self._loaded
 
     def __call__(self, job: Job, settings: Settings) -> dict:
         loaded = self.loaded()
         if settings.question_aware:
             return self._whole_prompt(loaded, job, settings)
+        if len(self._devices) > 1:
+            raise RunnerError(
+                f"the model is spread over {', '.join(map(str, self._devices))} and answering from "
+                "a compressed document copies every layer to the first one: use --question-aware, or one device"
+            )
         return self._from_prefix(loaded, job, settings)
 
     def _from_prefix(self, loaded, job: Job, settings: Settings) -> dict:
@@ -149,6 +156,11 @@ class ModelRunner:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def compute_devices(model) -> list:
+    """Devices holding the model's weights (weights offloaded to meta by accelerate are computed elsewhere)."""
+    return sorted({p.device for p in model.parameters() if p.device.type != "meta"}, key=str)
 
 
 def read_text(path: Path) -> str:

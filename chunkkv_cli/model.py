@@ -40,6 +40,20 @@ def resolve_device(device: str = "auto"):
     return torch.device(device)
 
 
+def placement(device: str = "auto"):
+    """(the device inputs start on, from_pretrained's device_map).
+
+    `auto` with several GPUs visible spreads the layers over all of them (accelerate's device_map="auto");
+    each layer then compresses its KV on its own device.
+    """
+    import torch
+
+    torch_device = resolve_device(device)
+    if device == "auto" and torch.cuda.device_count() > 1:
+        return torch_device, "auto"
+    return torch_device, {"": torch_device} if torch_device.type == "cuda" else None
+
+
 def resolve_dtype(dtype: str | None, device):
     import torch
 
@@ -59,12 +73,12 @@ def load_model(
 ) -> Loaded:
     """Model + tokenizer for a profile name or path, with the compressing attention installed."""
     profile = load_profile(spec)
-    torch_device = resolve_device(device)
+    torch_device, device_map = placement(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if random_weights or profile.weights == "none":
         return Loaded(build_random_model(profile, torch_device, torch_dtype), None, profile, torch_device)
     folder = weights_folder(profile)
-    model, tokenizer = _from_folder(folder, torch_device, torch_dtype, trust_remote_code)
+    model, tokenizer = _from_folder(folder, torch_device, torch_dtype, trust_remote_code, device_map)
     return Loaded(model, tokenizer, profile, torch_device)
 
 
@@ -108,7 +122,7 @@ def converted_gguf(gguf_file: Path) -> Path:
     return target
 
 
-def _from_folder(folder: Path, device, dtype, trust_remote_code: bool):
+def _from_folder(folder: Path, device, dtype, trust_remote_code: bool, device_map=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
@@ -123,12 +137,12 @@ def _from_folder(folder: Path, device, dtype, trust_remote_code: bool):
             attn_implementation=ATTENTION_NAME,
             local_files_only=True,
             trust_remote_code=trust_remote_code,
-            device_map={"": device} if device.type == "cuda" else None,
+            device_map=device_map,
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ChunkKVError(f"cannot load the model in {folder}: {str(err).splitlines()[0]}") from err
-    return model.to(device).eval(), tokenizer
+    return (model if device_map == "auto" else model.to(device)).eval(), tokenizer
 
 
 def build_random_model(profile: Profile, device, dtype, **overrides):
