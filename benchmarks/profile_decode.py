@@ -138,10 +138,13 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--variants", default="triton,compiled", help="triton, compiled, sdpa_mask")
+    parser.add_argument("--methods", default="chunkkv,fullkv")
+    parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     report = {"bandwidth_gb_s": copy_bandwidth(torch.device("cuda")) / 1e9}
-    report["attention"] = attention_table([(1, args.seq // 10), (1, args.seq), (16, args.seq // 10), (64, args.seq // 10)])
+    if not args.skip_attention:
+        report["attention"] = attention_table([(1, args.seq // 10), (1, args.seq), (16, args.seq // 10), (64, args.seq // 10)])
     model = build_random_model(load_profile("llama3-8b"), torch.device("cuda"), torch.bfloat16, max_position_embeddings=args.seq + 1024)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     report["weight_bytes"] = weight_bytes
@@ -150,7 +153,7 @@ def main() -> None:
         if variant == "sdpa_mask":
             os.environ["CHUNKKV_NO_TRITON"] = "1"
         for batch in [int(b) for b in args.batches.split(",")]:
-            for method in ("chunkkv", "fullkv"):
+            for method in args.methods.split(","):
                 if method == "fullkv" and batch > 1:
                     continue
                 row = {"attention": variant, **decoder_timing(model, method, args.seq, args.ratio, batch, 50, variant == "compiled")}

@@ -104,7 +104,13 @@ class Collective:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo", rank=rank.rank, world_size=rank.world, timeout=RANK_WAIT)
+            try:
+                dist.init_process_group("gloo", rank=rank.rank, world_size=rank.world, timeout=RANK_WAIT)
+            except (RuntimeError, ValueError) as err:
+                raise ChunkKVError(
+                    f"rank {rank.rank} of {rank.world} cannot reach the other ranks ({str(err).splitlines()[0]}); "
+                    "start ranks with torchrun or accelerate launch, which set MASTER_ADDR and MASTER_PORT"
+                ) from err
             self._owned = True
 
     def barrier(self) -> None:

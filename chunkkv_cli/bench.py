@@ -11,8 +11,9 @@ from typing import Callable
 
 import torch
 
-from chunkkv_cli.compress import make_compressor
-from chunkkv_cli.generate import cache_bytes, decode, new_target, prefill, synchronize
+from chunkkv_cli.compress import METHODS, make_compressor
+from chunkkv_cli.generate import cache_bytes, decode, make_step, new_target, prefill, resolve_decoder, synchronize
+from chunkkv_cli.pipeline import recall_state
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Case:
 
 def plan_cases(method: str, seqs: list[int], reuse: list[int], batches: list, decoders=("hf",)) -> list[Case]:
     """For every length, batch and decoder: the fullkv baseline, the no-reuse row, then each reuse row."""
-    reuse_rows = [1] + sorted({r for r in reuse if r != 1})
+    reuse_rows = [1] + sorted({r for r in reuse if r != 1}) if METHODS[method].compresses else [1]
     cases = []
     for seq in seqs:
         for batch in batches:
@@ -93,8 +94,13 @@ def random_prompt(model, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     return ids.to(next(model.parameters()).device)
 
 
+@torch.inference_mode()
 def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, replicate: int = 1, decoder="hf") -> dict:
-    """One prefill, then `decode_tokens` decode steps; `replicate` copies the cache to a larger batch first."""
+    """One prefill, then `decode_tokens` timed decode steps; `replicate` copies the cache to a larger batch first.
+
+    The decoder's setup (static buffers, CUDA graph capture, compilation) is timed apart from the steps
+    and counted in the end-to-end figures. ClusterKV's clustering counts as its compression time.
+    """
     device = ids.device
     target = new_target(model, compressor, reuse_layers)
     with PeakMemory(device) as prefill_mem:
@@ -104,25 +110,42 @@ def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, 
             layer.batch_repeat_interleave(replicate)
         pre.logits = pre.logits.repeat_interleave(replicate, dim=0)
     kv_bytes = cache_bytes(target.cache)
+    recall = recall_state(compressor, target.cache)
+    compress_s = pre.compress_seconds + (recall.seconds if recall is not None else 0.0)
     with PeakMemory(device) as decode_mem:
         synchronize(device)
         start = time.perf_counter()
-        decode(model, target.cache, pre.logits, ids.shape[1], decode_tokens + 1, decoder=decoder)
+        step = make_step(model, target.cache, ids.shape[1], decode_tokens + 2, resolve_decoder(decoder, device), recall)
+        step(pre.logits.argmax(-1))  # the first step builds (and on CUDA captures) the decoder
         synchronize(device)
-        decode_seconds = time.perf_counter() - start
+        setup_seconds = time.perf_counter() - start
+        decode(model, None, pre.logits, ids.shape[1] + 1, decode_tokens + 1, step=step)
+        synchronize(device)
+        decode_seconds = time.perf_counter() - start - setup_seconds
     batch = ids.shape[0] * replicate
+    e2e = pre.seconds + setup_seconds + decode_seconds
     return {
         "prefill_s": pre.seconds,
-        "compress_s": pre.compress_seconds,
+        "compress_s": compress_s,
+        "decoder_setup_s": setup_seconds,
         "decode_ms_per_token": 1000 * decode_seconds / decode_tokens,
         "decode_tokens_per_s": batch * decode_tokens / decode_seconds,
-        "e2e_s": pre.seconds + decode_seconds,
-        "e2e_tokens_per_s": batch * decode_tokens / (pre.seconds + decode_seconds),
+        "e2e_s": e2e,
+        "e2e_tokens_per_s": batch * decode_tokens / e2e,
         "peak_prefill_bytes": prefill_mem.peak,
         "peak_decode_bytes": decode_mem.peak,
         "kv_bytes": kv_bytes,
+        "kv_read_bytes": kv_bytes if recall is None else kv_bytes * min(1.0, compressor.step_budget() / ids.shape[1]),
         "full_kv_bytes": pre.full_bytes * replicate,
     }
+
+
+def bandwidth_floor_ms(model, row: dict, bandwidth: float | None) -> float | None:
+    """Milliseconds a decode step needs just to read the weights and the attended cache once."""
+    if not bandwidth or "kv_read_bytes" not in row:
+        return None
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 1000 * (weights + row["kv_read_bytes"]) / bandwidth
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -141,7 +164,7 @@ def measure_case(model, case: Case, ratio, budget, window, chunk_size, decode_to
         for _ in range(repeats)
     ]
     result = median_of(runs)
-    result["runs"] = {k: [r[k] for r in runs] for k in ("prefill_s", "compress_s", "decode_ms_per_token")}
+    result["runs"] = {k: [r[k] for r in runs] for k in ("prefill_s", "compress_s", "decoder_setup_s", "decode_ms_per_token")}
     result["kept_tokens"] = compressor.kept_tokens(case.seq)
     return result
 
@@ -162,12 +185,13 @@ def replicated(model, cache, batch: int):
     return copy
 
 
-def decode_fits(model, cache, logits, seq: int, batch: int, steps: int, decoder: str = "hf") -> bool:
+def decode_fits(model, cache, logits, seq: int, batch: int, steps: int, decoder: str = "hf", compressor=None) -> bool:
     """Whether `batch` copies of `cache` can decode `steps` tokens without running out of memory."""
     big = None
     try:
         big = replicated(model, cache, batch)
-        decode(model, big, logits.repeat_interleave(batch, 0), seq, steps + 1, decoder=decoder)
+        recall = recall_state(compressor, big) if compressor is not None else None
+        decode(model, big, logits.repeat_interleave(batch, 0), seq, steps + 1, decoder=decoder, recall=recall)
         return True
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
@@ -188,7 +212,7 @@ def find_max_batch(model, case: Case, compressor_args: dict, steps: int, limit: 
     target = new_target(model, compressor, case.reuse_layers)
     pre = prefill(model, random_prompt(model, 1, case.seq), [target])
     try:
-        fits = lambda b: decode_fits(model, target.cache, pre.logits, case.seq, b, steps, case.decoder)  # noqa: E731
+        fits = lambda b: decode_fits(model, target.cache, pre.logits, case.seq, b, steps, case.decoder, compressor)  # noqa: E731
         return search_max_batch(fits, limit)
     finally:
         del target
@@ -257,6 +281,8 @@ def run_bench(
 ) -> list[dict]:
     """Measure every case; rows carry medians and ratios to their fullkv and no-reuse rows."""
     rows, found = [], {}
+    device = next(model.parameters()).device
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     for case in cases:
         if on_case is not None:
             on_case(case)
@@ -271,6 +297,7 @@ def run_bench(
         if batch:
             row.update(measure_with_fallback(model, case, compressor_args, decode_tokens, repeats, replicate))
             row["batch"] = row.pop("batch_used", batch)
+            row["floor_ms_per_token"] = bandwidth_floor_ms(model, row, bandwidth)
         rows.append(row)
     add_ratios([r for r in rows if "prefill_s" in r])
     return rows

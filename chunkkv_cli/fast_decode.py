@@ -25,7 +25,8 @@ class StaticKV:
     The source cache is emptied layer by layer as it is copied, so memory peaks at one extra layer.
     """
 
-    def __init__(self, cache, new_tokens: int):
+    def __init__(self, cache, new_tokens: int, recall=None):
+        self.recall = recall  # a ClusterState: decode attention over its selected clusters
         layers = cache.layers
         lengths = [layer.keys.shape[-2] for layer in layers]
         batch, heads, _, dim = layers[0].keys.shape
@@ -57,10 +58,19 @@ class StaticKV:
         self.filled += 1
 
     def attend(self, layer_idx: int, query, key, value, scaling: float) -> torch.Tensor:
-        """One new token per sequence over this layer's filled slots: split-KV Triton kernel on CUDA, else SDPA."""
-        if decode_kernel.available(query.device, query.shape[-1]):
-            return decode_kernel.decode_attention(query, key, value, self.filled[layer_idx], scaling)
-        return grouped_decode_attention(query, key, value, scaling, self.valid[layer_idx])
+        """One new token per sequence over this layer's filled slots (or the clusters ClusterKV selects)."""
+
+        def attention(q, keys, values, lengths):
+            if decode_kernel.available(q.device, q.shape[-1]):
+                return decode_kernel.decode_attention(q, keys, values, lengths, scaling)
+            mask = torch.arange(keys.shape[2], device=keys.device)[None, :] < lengths[:, None]
+            return grouped_decode_attention(q, keys, values, scaling, mask)
+
+        if self.recall is not None:
+            out = self.recall.attend_static(layer_idx, query, key, value, self.filled[layer_idx], attention)
+            if out is not None:
+                return out
+        return attention(query, key, value, self.filled[layer_idx])
 
     def advance(self) -> None:
         self.write_pos += 1
@@ -79,12 +89,15 @@ _compiled = weakref.WeakKeyDictionary()
 def compiled_forward(model):
     """The model's forward compiled by Inductor (fused norms, RoPE and activations); once per model.
 
-    The first step of each new cache shape compiles (tens of seconds for an 8B model); later ones reuse it.
+    The first step of each new cache shape compiles (a minute or more for an 8B model); later ones
+    reuse it. CHUNKKV_COMPILE_TUNING=1 also tunes the matrix-vector kernels (much slower to compile).
     """
     if model not in _compiled:
+        import os
+
         import torch._inductor.config as inductor
 
-        inductor.coordinate_descent_tuning = True  # better batch-1 matrix-vector kernels, slower compile
+        inductor.coordinate_descent_tuning = bool(os.environ.get("CHUNKKV_COMPILE_TUNING"))
         _compiled[model] = torch.compile(model, dynamic=False)
     return _compiled[model]
 
@@ -92,9 +105,11 @@ def compiled_forward(model):
 class FastDecoder:
     """`step(token) -> logits` over a StaticKV; graph-captured on CUDA at the first step, optionally compiled."""
 
-    def __init__(self, model, cache, start_pos: int, new_tokens: int, use_graph: bool | None = None, compile=False):
+    def __init__(
+        self, model, cache, start_pos: int, new_tokens: int, use_graph: bool | None = None, compile=False, recall=None
+    ):
         self.model = compiled_forward(model) if compile else model
-        self.static = StaticKV(cache, new_tokens)
+        self.static = StaticKV(cache, new_tokens, recall)
         device = self.static.write_pos.device
         batch = self.static.valid.shape[1]
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)

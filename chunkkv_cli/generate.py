@@ -85,17 +85,34 @@ def hf_step(model, cache, start_pos: int) -> Callable[[torch.Tensor], torch.Tens
     return step
 
 
-DECODERS = ("hf", "fast", "compiled")
+DECODERS = ("auto", "hf", "fast", "compiled")
 
 
-def make_step(model, cache, start_pos: int, max_new_tokens: int, decoder: str = "hf"):
+def resolve_decoder(decoder: str, device: torch.device) -> str:
+    """`auto` is the fast decoder on a GPU and the hf one on the CPU (where fast does not win)."""
+    if decoder == "auto":
+        return "fast" if device.type == "cuda" else "hf"
+    return decoder
+
+
+def make_step(model, cache, start_pos: int, max_new_tokens: int, decoder: str = "hf", recall=None):
+    """`step(token) -> logits`; `recall` (a ClusterState) makes every step attend to selected clusters only."""
     if decoder in ("fast", "compiled"):
         from chunkkv_cli.fast_decode import FastDecoder
 
-        return FastDecoder(model, cache, start_pos, max_new_tokens, compile=decoder == "compiled").step
+        return FastDecoder(model, cache, start_pos, max_new_tokens, compile=decoder == "compiled", recall=recall).step
     if decoder != "hf":
         raise ChunkKVError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
-    return hf_step(model, cache, start_pos)
+    step = hf_step(model, cache, start_pos)
+    if recall is None:
+        return step
+    from chunkkv_cli.compress.clusterkv import decoding
+
+    def recalled(token):
+        with decoding(recall):
+            return step(token)
+
+    return recalled
 
 
 @torch.inference_mode()
@@ -109,17 +126,22 @@ def decode(
     temperature: float = 0.0,
     top_p: float = 1.0,
     on_token: Callable[[torch.Tensor], None] | None = None,
-    decoder: str = "hf",
+    decoder: str = "auto",
+    recall=None,
+    step: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` per sequence from a (compressed) cache.
 
     New tokens get RoPE positions start_pos, start_pos + 1, ... (the uncompressed numbering), not
     the cache length. Returns (batch, n_generated); finished sequences are padded with their EOS.
     decoder="fast" moves the cache into static buffers (leaving `cache` empty) and, on CUDA,
-    replays each step as a CUDA graph; "hf" grows `cache` one forward at a time.
+    replays each step as a CUDA graph ("compiled" also fuses the model's kernels with torch.compile);
+    "hf" grows `cache` one forward at a time; "auto" is fast on CUDA, hf on the CPU. A ready `step`
+    (from `make_step`) overrides cache and decoder.
     """
     device = first_logits.device
-    step = make_step(model, cache, start_pos, max_new_tokens, decoder)
+    if step is None:
+        step = make_step(model, cache, start_pos, max_new_tokens, resolve_decoder(decoder, device), recall)
     eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
     token = pick_token(first_logits, temperature, top_p)
     finished = torch.zeros_like(token, dtype=torch.bool)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
 from chunkkv_cli.compress import Compressor
-from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.generate import cache_bytes, decode, kept_lengths, new_target, prefill, synchronize
 
 
@@ -61,33 +59,26 @@ class TextStream:
             self.text = text
 
 
-def recall_state(compressor: Compressor, cache, decoder: str):
+def recall_state(compressor: Compressor, cache):
     """Per-layer clusters of the full prefilled cache for a decode-time method (clusterkv), else None."""
     if compressor.name != "clusterkv":
         return None
-    if decoder != "hf":
-        raise ChunkKVError("--method clusterkv selects tokens at every decode step and needs --decoder hf")
     from chunkkv_cli.compress.clusterkv import ClusterState
 
     return ClusterState.build(compressor, cache)
 
 
-def recall_active(state):
-    from chunkkv_cli.compress.clusterkv import decoding
-
-    return decoding(state) if state is not None else nullcontext()
-
-
 def stream_answer(
     model, tokenizer, cache, logits, start_pos: int, max_new_tokens: int, on_text=None, temperature=0.0, top_p=1.0,
     decoder: str = "hf",
+    recall=None,
 ) -> tuple[str, int, float]:
     """Decode from `cache` after `logits`, streaming text to `on_text`; returns (text, new tokens, seconds)."""
     device = logits.device
     stops = eos_ids(model, tokenizer)
     stream = TextStream(tokenizer, on_text, stops)
     start = time.perf_counter()
-    tokens = decode(model, cache, logits, start_pos, max_new_tokens, stops, temperature, top_p, stream, decoder)
+    tokens = decode(model, cache, logits, start_pos, max_new_tokens, stops, temperature, top_p, stream, decoder, recall)
     synchronize(device)
     text = stream.text.strip() or tokenizer.decode(stream.ids, skip_special_tokens=True).strip()
     return text, tokens.shape[1], time.perf_counter() - start
@@ -112,11 +103,11 @@ def answer(
     pre = prefill(model, input_ids, [target], on_layer)
     kept = kept_lengths(target.cache)
     kept_bytes = cache_bytes(target.cache)
-    recall = recall_state(compressor, target.cache, decoder)
-    with recall_active(recall):
-        text, new_tokens, decode_seconds = stream_answer(
-            model, tokenizer, target.cache, pre.logits, len(ids), max_new_tokens, on_text, temperature, top_p, decoder
-        )
+    recall = recall_state(compressor, target.cache)
+    text, new_tokens, decode_seconds = stream_answer(
+        model, tokenizer, target.cache, pre.logits, len(ids), max_new_tokens, on_text, temperature, top_p, decoder,
+        recall,
+    )
     return Answer(
         text=text,
         prompt_tokens=len(ids),

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from chunkkv_cli.compress import make_compressor
+from chunkkv_cli.compress.base import gather_tokens
 from chunkkv_cli.compress.clusterkv import (
     ClusterState,
     cluster_scores,
@@ -153,6 +154,44 @@ def test_small_budget_decodes_and_attends_sinks_recent_and_budget(model, prompt)
     assert state.indices(1, query, key) is None  # full layers
 
 
+def test_fast_decoder_with_a_budget_covering_the_cache_reproduces_fullkv(model, prompt, fullkv_tokens):
+    comp = make_compressor("clusterkv", budget=10_000, sinks=4, tokens_per_cluster=20, full_layers=1)
+    target = new_target(model, comp)
+    pre = prefill(model, prompt, [target])
+    state = ClusterState.build(comp, target.cache)
+    tokens = decode(model, target.cache, pre.logits, PROMPT_LEN, 12, decoder="fast", recall=state)
+    assert torch.equal(tokens, fullkv_tokens)
+
+
+def test_fast_decoder_attends_sinks_chosen_clusters_and_every_new_slot_within_the_budget(model, prompt):
+    comp = make_compressor("clusterkv", budget=40, sinks=4, tokens_per_cluster=20, full_layers=2)
+    target = new_target(model, comp)
+    pre = prefill(model, prompt, [target])
+    state = ClusterState.build(comp, target.cache)
+    key = target.cache.layers[2].keys
+    capacity = PROMPT_LEN + 10  # ten slots for generated tokens, three of them filled
+    buffer = torch.cat([key, torch.full((2, 2, 10, 16), 7.0)], dim=2)
+    buffer[:, :, PROMPT_LEN : PROMPT_LEN + 3] = -7.0
+    filled = torch.full((2,), PROMPT_LEN + 3)
+    seen = {}
+
+    def attention(q, keys, values, lengths):
+        seen.update(keys=keys, lengths=lengths)
+        return torch.zeros(2, 1, 4, 16)
+
+    query = torch.randn(2, 4, 1, 16)
+    state.attend_static(2, query, buffer, buffer, filled, attention)
+    keys, lengths = seen["keys"], seen["lengths"]
+    assert keys.shape[2] == 40  # sinks + chosen + the 10 slots after the prompt: the budget exactly
+    assert lengths.tolist() == [40 - 7, 40 - 7]  # the 7 unfilled slots are cut off by the length
+    assert torch.equal(keys[:, :, :4], key[:, :, :4])  # sinks first
+    assert keys[:, :, 30:33].eq(-7.0).all() and keys[:, :, 33:].eq(7.0).all()  # then every new slot
+    layer = state.layers[2]
+    chosen = select_tokens(query, layer.centroids, layer.order, layer.offsets, 40 - 4 - 10)
+    assert torch.equal(keys[:, :, 4:30], gather_tokens(key, chosen))
+    assert state.attend_static(1, query, buffer, buffer, filled, attention) is None  # full layers
+
+
 def test_clusterkv_keeps_the_whole_prompt_at_prefill(model, prompt):
     comp = make_compressor("clusterkv", budget=16)
     assert comp.select(torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), 0, 4, 0.25) is None
@@ -203,8 +242,7 @@ def test_cli_ask_clusterkv_clusters_and_decodes(tiny_loaded, doc, monkeypatch):
     assert len(built) == 1 and built[0].budget == 64
 
 
-def test_cli_clusterkv_needs_the_hf_decoder_and_one_question(tiny_loaded, doc, tmp_path):
-    one_line_error(invoke(doc, "Who?", "--method", "clusterkv", "--decoder", "fast"), "--decoder hf")
+def test_cli_clusterkv_takes_one_question(tiny_loaded, doc, tmp_path):
     (tmp_path / "q.txt").write_text("Who?\nWhy?\n")
     one_line_error(invoke(doc, "--questions", tmp_path / "q.txt", "--method", "clusterkv"), "clusterkv")
 

@@ -15,6 +15,8 @@ from rich.table import Table
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from chunkkv_cli.commands.options import (
+    DecoderOpt,
+    check_decoder,
     DEFAULT_MODEL,
     BudgetOpt,
     ChunkSizeOpt,
@@ -88,7 +90,7 @@ def ask(
     temperature: Annotated[float, typer.Option(help="0 = greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (with --temperature).")] = 1.0,
     truncate: TruncateOpt = False,
-    decoder: Annotated[str, typer.Option(help="hf (a transformers forward per token) or fast (static cache, CUDA graph on GPU; experimental).")] = "hf",
+    decoder: DecoderOpt = "auto",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -101,8 +103,7 @@ def ask(
         raise ChunkKVError("--max-new-tokens must be at least 1")
     if reuse_layers < 1:
         raise ChunkKVError("--reuse-layers must be at least 1")
-    if decoder not in ("hf", "fast"):
-        raise ChunkKVError(f"--decoder must be hf or fast, got {decoder!r}")
+    check_decoder(decoder)
     asked = _questions(question, questions)
     generation = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, decoder=decoder)
     if document.endswith(".ckv"):
@@ -110,8 +111,8 @@ def ask(
         model = model if _given(ctx, "model") else None
         many = questions is not None
         return _ask_cache(document, asked, model, device, dtype, trust_remote_code, json_out, generation, many)
-    if method is Method.clusterkv and (questions is not None or decoder != "hf"):
-        raise ChunkKVError("--method clusterkv selects tokens at every decode step: ask one QUESTION with --decoder hf")
+    if method is Method.clusterkv and questions is not None:
+        raise ChunkKVError("--method clusterkv selects tokens at every decode step: ask one QUESTION at a time")
     compressor = make_compressor(method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
     text = _read(document)
     load = (model, device, dtype, trust_remote_code)

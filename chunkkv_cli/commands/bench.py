@@ -38,7 +38,7 @@ def bench(
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated; 'max' searches the largest that fits.")] = "1",
     decode_tokens: Annotated[Optional[int], typer.Option(help="Decode steps timed [default: 128 on GPU, 16 on CPU].")] = None,
     repeats: Annotated[Optional[int], typer.Option(help="Timed runs per row (median reported), after one warm-up.")] = None,
-    decoder: Annotated[Optional[str], typer.Option(help="Decoders to time, comma-separated: hf, fast (experimental).")] = None,
+    decoder: Annotated[Optional[str], typer.Option(help="Decoders to time, comma-separated: hf, fast, compiled [default: hf,fast on a GPU, hf on the CPU].")] = None,
     random_weights: Annotated[bool, typer.Option(help="Random weights of the profile's shape (default when it has no weights).")] = False,
     window: WindowOpt = 32,
     chunk_size: ChunkSizeOpt = 10,
@@ -57,8 +57,6 @@ def bench(
     defaults = GPU_DEFAULTS if torch_device.type == "cuda" else CPU_DEFAULTS
     if method not in METHODS:
         raise ChunkKVError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    if method == "clusterkv":
-        raise ChunkKVError("--method clusterkv is not benchmarked yet (it selects at decode time); time it with `chunkkv ask --json`")
     seqs = _sizes(seq or defaults["seq"])
     reuse = _ints(reuse_layers, "--reuse-layers")
     batches = _batches(batch)
@@ -73,7 +71,7 @@ def bench(
         err.print("[yellow]no GPU: timing on the CPU at small lengths; GPU figures need a CUDA device[/]")
     loaded = load_model(model or defaults["model"], str(torch_device), dtype, random_weights=random_weights)
     _check_lengths(seqs, loaded.profile, random=loaded.tokenizer is None, console=err)
-    decoders = _decoders(decoder or "hf")
+    decoders = _decoders(decoder or ("hf,fast" if torch_device.type == "cuda" else "hf"), torch_device)
     cases = plan_cases(method, seqs, reuse, batches, decoders)
     with err.status("") as status:
         rows = run_bench(
@@ -127,14 +125,14 @@ def _batches(text: str) -> list:
     return batches
 
 
-def _decoders(text: str) -> list[str]:
-    from chunkkv_cli.generate import DECODERS
+def _decoders(text: str, device) -> list[str]:
+    from chunkkv_cli.generate import DECODERS, resolve_decoder
 
     names = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [n for n in names if n not in DECODERS]
     if unknown or not names:
         raise ChunkKVError(f"--decoder takes {', '.join(DECODERS)} (comma-separated), got {text!r}")
-    return names
+    return list(dict.fromkeys(resolve_decoder(n, device) for n in names))
 
 
 def _check_lengths(seqs: list[int], profile, random: bool, console: Console) -> None:
@@ -165,19 +163,20 @@ def _render(console: Console, report: dict) -> None:
 def _table(seq: int, kind: str, rows: list[dict]) -> Table:
     title = f"{seq:,} tokens · {'largest batch that fits' if kind == 'max' else 'fixed batch'}"
     table = Table(title=title, title_justify="left")
-    for name in ("method", "batch", "prefill s", "compress ms", "decode ms/tok", "tok/s", "end-to-end s",
+    for name in ("method", "batch", "prefill s", "compress ms", "decode ms/tok (floor)", "tok/s", "end-to-end s",
                  "peak prefill", "peak decode", "KV", "vs fullkv", "vs no reuse"):
         table.add_column(name, justify="left" if name == "method" else "right")
     for r in rows:
         if "prefill_s" not in r:
             table.add_row(_label(r), "0", *["—"] * 10)
             continue
+        floor = r.get("floor_ms_per_token")
         table.add_row(
             _label(r),
             str(r["batch"]),
             f"{r['prefill_s']:.3f}",
             f"{1000 * r['compress_s']:.1f} ({r['compress_s'] / r['prefill_s']:.1%})",
-            f"{r['decode_ms_per_token']:.2f}",
+            f"{r['decode_ms_per_token']:.2f}" + (f" ({floor:.2f})" if floor else ""),
             f"{r['decode_tokens_per_s']:.0f}",
             f"{r['e2e_s']:.2f}",
             _gib(r["peak_prefill_bytes"]),

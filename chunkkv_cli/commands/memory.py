@@ -23,7 +23,7 @@ EXAMPLES = """[b]Examples[/b]
 
   chunkkv memory --model smollm2-135m --seq 4k --measure
 
-  chunkkv memory --model llama3-70b --seq 32k --dtype bf16 --gpus 2 --gpu-mem 141GB     # layers split over 2 GPUs
+  chunkkv memory --model llama3-70b --seq 32k --dtype bf16 --gpus 2 --gpu-mem 141GB
 """
 
 

@@ -6,6 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from chunkkv_cli.errors import ChunkKVError
+
 DEFAULT_MODEL = "smollm2-135m"
 
 ModelOpt = Annotated[
@@ -35,3 +37,18 @@ ReuseOpt = Annotated[
 TruncateOpt = Annotated[bool, typer.Option(help="Cut the document to fit the context instead of failing.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
 TrustRemoteCodeOpt = Annotated[bool, typer.Option(help="Allow code shipped in a model folder to run.")]
+
+DecoderOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (fast on a GPU, hf on the CPU), hf (a transformers forward per token), fast (static cache, "
+        "split-KV attention kernel, one CUDA graph per step) or compiled (fast + torch.compile; slow first step).",
+    ),
+]
+
+
+def check_decoder(decoder: str) -> None:
+    from chunkkv_cli.generate import DECODERS
+
+    if decoder not in DECODERS:
+        raise ChunkKVError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")

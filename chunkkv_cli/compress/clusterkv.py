@@ -88,6 +88,9 @@ def kmeans_cosine(keys: torch.Tensor, n_clusters: int, iterations: int = 20, gen
     if not 1 <= n_clusters <= n:
         raise ValueError(f"n_clusters must be in [1, {n}], got {n_clusters}")
     x = F.normalize(keys.float(), dim=-1)
+    # Similarities in the keys' own precision (bf16 on a GPU: the (n, C) matrix dominates the time);
+    # centroids are accumulated in float32.
+    low = x.to(keys.dtype)
     if generator is None:
         start = torch.linspace(0, n - 1, n_clusters, device=keys.device).round().long().expand(b, h, -1)
     else:
@@ -95,7 +98,8 @@ def kmeans_cosine(keys: torch.Tensor, n_clusters: int, iterations: int = 20, gen
         start = noise.argsort(dim=-1)[..., :n_clusters]
     centroids = x.gather(2, start[..., None].expand(-1, -1, -1, d))
     for step in range(iterations):
-        best, assign = (x @ centroids.transpose(-1, -2)).max(dim=-1)
+        best, assign = (low @ centroids.to(low.dtype).transpose(-1, -2)).max(dim=-1)
+        best = best.float()
         sums = torch.zeros_like(centroids).scatter_add_(2, assign[..., None].expand(-1, -1, -1, d), x)
         counts = torch.zeros(b, h, n_clusters, device=x.device).scatter_add_(2, assign, torch.ones_like(best))
         empty = counts == 0
@@ -106,7 +110,7 @@ def kmeans_cosine(keys: torch.Tensor, n_clusters: int, iterations: int = 20, gen
         centroids = torch.where(empty[..., None], reseed, F.normalize(sums, dim=-1))
         if step < iterations // 2:
             centroids = split_merge(centroids, x, best)
-    assign = (x @ centroids.transpose(-1, -2)).argmax(dim=-1)
+    assign = (low @ centroids.to(low.dtype).transpose(-1, -2)).argmax(dim=-1)
     return centroids, assign
 
 
@@ -249,6 +253,27 @@ class ClusterState:
         if idx is None:
             return None
         return grouped_decode_attention(query, gather_tokens(key, idx), gather_tokens(value, idx), scaling)
+
+    def attend_static(self, layer_idx: int, query, key, value, filled: torch.Tensor, attention):
+        """The fast decoder's variant: fixed shapes, so one CUDA graph serves every step.
+
+        key/value are a static buffer (batch, kv_heads, capacity, d) whose first `filled` slots (batch,)
+        hold tokens. Every slot after the clustered prompt is attended (generated tokens are not
+        re-clustered here), and fewer clusters are taken so that sinks + clusters + those slots stay
+        within the budget. `attention(query, keys, values, lengths)` attends to the first `lengths` rows.
+        """
+        if layer_idx >= len(self.layers) or self.layers[layer_idx] is None:
+            return None
+        comp, state = self.compressor, self.layers[layer_idx]
+        sinks = min(comp.sinks, state.clustered_end)
+        tail = key.shape[2] - state.clustered_end
+        room = max(0, comp.step_budget() - sinks - tail)
+        chosen = select_tokens(query, state.centroids, state.order, state.offsets, room)
+        sink_idx = torch.arange(sinks, device=key.device).expand(*chosen.shape[:-1], sinks)
+        idx = torch.cat([sink_idx, chosen], dim=-1)
+        keys = torch.cat([gather_tokens(key, idx), key[:, :, state.clustered_end :]], dim=2)
+        values = torch.cat([gather_tokens(value, idx), value[:, :, state.clustered_end :]], dim=2)
+        return attention(query, keys, values, filled + (idx.shape[-1] - state.clustered_end))
 
 
 _active: ClusterState | None = None
