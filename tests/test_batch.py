@@ -442,3 +442,13 @@ def test_every_rank_count_gives_the_same_answers_file(tmp_path):
         run_ranks(jobs, out, world, Recorder())
         files.append([{k: v for k, v in r.items() if k not in ("rank", "seconds")} for r in records(out)])
     assert all(a == b for a, b in itertools.pairwise(files))
+
+
+def test_ranks_without_a_launcher_fail_in_one_line(docs, monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["batch", str(write_jobs(docs, [GOOD])), "-o", str(docs / "out.jsonl")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "rank 1 of 2 cannot reach the other ranks" in result.stderr and "torchrun" in result.stderr
