@@ -46,7 +46,7 @@ class Settings:
     top_p: float = 1.0
     truncate: bool = False
     question_aware: bool = False
-    decoder: str = "hf"
+    decoder: str = "auto"
 
     def for_job(self, job: Job) -> Settings:
         """These settings with the job's own method, ratio or budget; ratio 0.1 when neither is set."""

@@ -158,6 +158,7 @@ def test_cli_reports_a_malformed_line_in_one_line(docs):
         (["--method", "clusterkv"], "--method clusterkv"),
         (["--ratio", "2"], "--ratio must be in (0, 1]"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--decoder", "turbo"], "--decoder must be one of"),
         (["--model", "nope"], "unknown model 'nope'"),
         (["-o", "/no/such/folder/out.jsonl"], "--output folder does not exist"),
     ],

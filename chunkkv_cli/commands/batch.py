@@ -16,6 +16,7 @@ from chunkkv_cli.commands.options import (
     DEFAULT_MODEL,
     BudgetOpt,
     ChunkSizeOpt,
+    DecoderOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -25,6 +26,7 @@ from chunkkv_cli.commands.options import (
     TruncateOpt,
     TrustRemoteCodeOpt,
     WindowOpt,
+    check_decoder,
 )
 from chunkkv_cli.errors import ChunkKVError
 
@@ -71,7 +73,7 @@ def batch(
             "one prefill per job instead of one per document.",
         ),
     ] = False,
-    decoder: Annotated[str, typer.Option(help="hf (a transformers forward per token) or fast (experimental).")] = "hf",
+    decoder: DecoderOpt = "auto",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -116,8 +118,7 @@ def check_settings(settings) -> None:
         raise ChunkKVError("--max-new-tokens must be at least 1")
     if settings.reuse_layers < 1:
         raise ChunkKVError("--reuse-layers must be at least 1")
-    if settings.decoder not in ("hf", "fast"):
-        raise ChunkKVError(f"--decoder must be hf or fast, got {settings.decoder!r}")
+    check_decoder(settings.decoder)
     make_compressor(settings.method, ratio=settings.ratio, budget=settings.budget, window=settings.window)
 
 
