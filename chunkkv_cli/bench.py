@@ -278,8 +278,13 @@ def run_bench(
     repeats: int,
     max_batch_limit: int = 4096,
     on_case: Callable[[Case], None] | None = None,
+    share_prompt: bool = False,
 ) -> list[dict]:
-    """Measure every case; rows carry medians and ratios to their fullkv and no-reuse rows."""
+    """Measure every case; rows carry medians and ratios to their fullkv and no-reuse rows.
+
+    share_prompt: fixed batches prefill one sequence and copy its cache to the batch (prefill figures
+    are then for one sequence), for decode timing at batches whose prefill would not fit.
+    """
     rows, found = [], {}
     device = next(model.parameters()).device
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
@@ -287,13 +292,16 @@ def run_bench(
         if on_case is not None:
             on_case(case)
         batch, replicate = case.batch, 1
+        if share_prompt and case.batch != "max" and case.batch > 1:
+            replicate = case.batch
         if case.batch == "max":
             key = (case.method, case.seq, case.decoder)  # reuse does not change the cache size
             if key not in found:
                 found[key] = find_max_batch(model, case, compressor_args, min(decode_tokens, 32), max_batch_limit)
             batch = replicate = found[key]
         row = {"method": case.method, "reuse_layers": case.reuse_layers, "seq": case.seq, "batch": batch,
-               "batch_kind": "max" if case.batch == "max" else "fixed", "decoder": case.decoder}
+               "batch_kind": "max" if case.batch == "max" else "fixed", "decoder": case.decoder,
+               "prefill_batch": 1 if replicate > 1 else batch}
         if batch:
             row.update(measure_with_fallback(model, case, compressor_args, decode_tokens, repeats, replicate))
             row["batch"] = row.pop("batch_used", batch)

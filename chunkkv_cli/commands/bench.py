@@ -39,6 +39,7 @@ def bench(
     decode_tokens: Annotated[Optional[int], typer.Option(help="Decode steps timed [default: 128 on GPU, 16 on CPU].")] = None,
     repeats: Annotated[Optional[int], typer.Option(help="Timed runs per row (median reported), after one warm-up.")] = None,
     decoder: Annotated[Optional[str], typer.Option(help="Decoders to time, comma-separated: hf, fast, compiled [default: hf,fast on a GPU, hf on the CPU].")] = None,
+    share_prompt: Annotated[bool, typer.Option(help="Prefill one sequence and copy its cache to the whole --batch (decode timing where a batched prefill would not fit; prefill figures are then per sequence).")] = False,
     random_weights: Annotated[bool, typer.Option(help="Random weights of the profile's shape (default when it has no weights).")] = False,
     window: WindowOpt = 32,
     chunk_size: ChunkSizeOpt = 10,
@@ -77,13 +78,15 @@ def bench(
         rows = run_bench(
             loaded.model, cases, compressor_args, decode_tokens, repeats,
             on_case=lambda c: status.update(f"[{cases.index(c) + 1}/{len(cases)}] {c.label} · {c.seq} tokens · batch {c.batch}"),
+            share_prompt=share_prompt,
         )
     report = {
         "environment": environment(torch_device),
         "model": loaded.profile.name,
         "random_weights": loaded.tokenizer is None,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-        "settings": {"method": method, **compressor_args, "decode_tokens": decode_tokens, "repeats": repeats},
+        "settings": {"method": method, **compressor_args, "decode_tokens": decode_tokens, "repeats": repeats,
+                     "share_prompt": share_prompt},
         "rows": rows,
     }
     if out:
