@@ -26,6 +26,7 @@ def fmt_row(r: dict) -> str:
         f"{r['prefill_s'] * 1000:.0f}",
         f"{r['compress_s'] * 1000:.1f} ({r['compress_s'] / r['prefill_s']:.2%})",
         f"{r['decode_ms_per_token']:.1f}",
+        f"{r['floor_ms_per_token']:.1f}" if r.get("floor_ms_per_token") else "",
         f"{r['decode_tokens_per_s']:.0f}",
         gib(r["peak_prefill_bytes"]),
         gib(r["peak_decode_bytes"]),
@@ -37,9 +38,9 @@ def fmt_row(r: dict) -> str:
 
 
 HEADER = (
-    "| model | seq | method | batch | TTFT ms | compression ms (share) | decode ms/step | tok/s "
+    "| model | seq | method | batch | TTFT ms | compression ms (share) | decode ms/step | floor ms/step | tok/s "
     "| peak prefill GiB | peak decode GiB | KV GiB | tok/s vs fullkv | TTFT vs no reuse |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
