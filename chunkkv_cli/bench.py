@@ -137,7 +137,7 @@ def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, 
         "peak_prefill_bytes": prefill_mem.peak,
         "peak_decode_bytes": decode_mem.peak,
         "kv_bytes": kv_bytes,
-        "kv_read_bytes": kv_bytes if recall is None else kv_bytes * min(1.0, compressor.step_budget() / ids.shape[1]),
+        "kv_read_bytes": kv_bytes if recall is None else kv_bytes * min(1.0, recall.budget / ids.shape[1]),
         "full_kv_bytes": pre.full_bytes * replicate,
     }
 

@@ -256,9 +256,11 @@ def test_cli_compress_refuses_clusterkv(doc):
     assert result.exit_code == 2 and "chunkkv ask" in result.output and "Traceback" not in result.output
 
 
-def test_eval_refuses_clusterkv_until_it_is_wired():
+def test_eval_similarity_leaves_out_clusterkv():
     from chunkkv_cli.commands.eval import parse_methods
     from chunkkv_cli.errors import ChunkKVError
 
-    with pytest.raises(ChunkKVError, match="clusterkv"):
-        parse_methods("chunkkv,clusterkv", "qa")
+    assert parse_methods("chunkkv,clusterkv", "qa") == ["chunkkv", "clusterkv"]
+    assert parse_methods("chunkkv,clusterkv", "similarity") == ["chunkkv"]
+    with pytest.raises(ChunkKVError, match="evicts"):
+        parse_methods("clusterkv,fullkv", "similarity")

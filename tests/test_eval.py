@@ -300,6 +300,31 @@ def test_resume_runs_only_what_is_missing(model, tmp_path, count_prefills):
     assert count_prefills == [2, 2, 2]
 
 
+def test_budgets_share_the_grid_and_clusterkv_covering_the_prompt_answers_like_fullkv(model, tmp_path):
+    settings = runner.Settings("needle", "tiny", ["clusterkv", "chunkkv", "fullkv"], [0.2, 500.0], window=8,
+                               max_new_tokens=5)
+    store = runner.run_grid(model, CharTokenizer(), tiny_samples(2), settings, tmp_path)
+    records = {(r["sample"], r["method"], r["ratio"]): r for r in store.records.values()}
+    for sample in ("s0", "s1"):
+        full = records[(sample, "fullkv", 1.0)]
+        assert records[(sample, "clusterkv", 500.0)]["answer"] == full["answer"]  # 500 tokens cover all 120
+        assert records[(sample, "chunkkv", 500.0)]["kept_tokens"] == 120  # a budget above the prompt keeps it all
+        assert records[(sample, "chunkkv", 0.2)]["kept_tokens"] == 24
+        assert records[(sample, "clusterkv", 0.2)]["kept_tokens"] == 120  # recallable: nothing evicted
+    results = runner.summarize(store, tiny_samples(2), settings)
+    assert set(results["table"]["clusterkv"]) == {"0.2", "500"}
+
+
+def test_grid_values_take_fractions_and_budgets():
+    from chunkkv_cli.commands.eval import grid_values
+
+    assert grid_values("0.1,0.2", "1024,512") == [0.1, 0.2, 1024.0, 512.0]
+    assert grid_values("", "1024") == [1024.0]
+    for bad in ("1.5", "x", "1", "-3"):
+        with pytest.raises(ChunkKVError, match="--budgets"):
+            grid_values("0.1", bad)
+
+
 def _untimed(records: dict) -> dict:
     return {k: {f: v for f, v in r.items() if not f.endswith("seconds")} for k, r in records.items()}
 

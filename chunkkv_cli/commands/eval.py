@@ -59,6 +59,11 @@ class TaskEnum(str, Enum):
 TaskArg = Annotated[TaskEnum, typer.Argument(help="needle, longqa, manyshot or similarity.")]
 MethodsOpt = Annotated[str, typer.Option(help="Comma-separated methods to compare.")]
 RatiosOpt = Annotated[str, typer.Option(help="Comma-separated fractions of the KV kept, each in (0, 1].")]
+BudgetsOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Comma-separated token budgets per layer (e.g. 1024), added to the grid beside --ratios; "
+                 "pass --ratios '' for budgets only."),
+]
 LimitOpt = Annotated[
     Optional[int], typer.Option(help="At most N samples (manyshot: N questions, each at every length; default 10).")
 ]
@@ -87,6 +92,7 @@ def eval_command(
     model: ModelOpt = DEFAULT_MODEL,
     methods: MethodsOpt = DEFAULT_METHODS,
     ratios: RatiosOpt = "0.05,0.1,0.2",
+    budgets: BudgetsOpt = None,
     limit: LimitOpt = None,
     data: DataOpt = None,
     haystack: HaystackOpt = None,
@@ -112,7 +118,7 @@ def eval_command(
         task=task_name,
         model=model,
         methods=parse_methods(methods, task_name),
-        ratios=parse_ratios(ratios),
+        ratios=grid_values(ratios, budgets),
         window=_at_least(window, 1, "--window"),
         chunk_size=_at_least(chunk_size, 1, "--chunk-size"),
         reuse_layers=_at_least(reuse_layers, 1, "--reuse-layers"),
@@ -139,13 +145,26 @@ def parse_methods(text: str, task: str) -> list[str]:
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
         raise ChunkKVError(f"--methods: unknown method {', '.join(map(repr, unknown)) or '(none)'}; choose from {', '.join(METHODS)}")
-    if "clusterkv" in names:
-        raise ChunkKVError("--methods: clusterkv is not evaluated yet (it selects at decode time); use `chunkkv ask --method clusterkv`")
     if task == "similarity":
-        names = [n for n in names if n != "fullkv"]  # keeps every index: its similarity is 1 by definition
+        # fullkv keeps every index (similarity 1 by definition); clusterkv keeps everything and selects per step
+        names = [n for n in names if n not in ("fullkv", "clusterkv")]
         if not names:
-            raise ChunkKVError("--methods: similarity needs at least one method other than fullkv")
+            raise ChunkKVError("--methods: similarity needs a method that evicts (not only fullkv or clusterkv)")
     return names
+
+
+def grid_values(ratios: str, budgets: str | None) -> list[float]:
+    """The grid's compression axis: fractions in (0, 1] and, as whole numbers above 1, token budgets."""
+    values = parse_ratios(ratios) if ratios.strip() or not budgets else []
+    for part in (budgets or "").split(","):
+        if not part.strip():
+            continue
+        if not part.strip().isdigit() or int(part) < 2:
+            raise ChunkKVError(f"--budgets: {part.strip()!r} is not a whole number of tokens above 1")
+        values.append(float(int(part)))
+    if not values:
+        raise ChunkKVError("give --ratios or --budgets")
+    return list(dict.fromkeys(values))
 
 
 def parse_ratios(text: str) -> list[float]:

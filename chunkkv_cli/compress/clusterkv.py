@@ -57,6 +57,8 @@ class ClusterKV(Compressor):
     compresses: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        if self.ratio is None and self.budget is None:
+            self.budget = 1024
         super().__post_init__()
         for flag, value in (("--sinks", self.sinks), ("--full-layers", self.full_layers)):
             if value < 0:
@@ -70,8 +72,9 @@ class ClusterKV(Compressor):
     def select(self, query, key, layer_idx, n_layers, scaling):
         return None
 
-    def step_budget(self) -> int:
-        return self.budget if self.budget is not None else 1024
+    def step_budget(self, prompt_len: int) -> int:
+        """Tokens attended per decode step: --budget, or --ratio of the prompt (1024 if neither is given)."""
+        return self.budget if self.budget is not None else self.kept_tokens(prompt_len)
 
 
 def kmeans_cosine(keys: torch.Tensor, n_clusters: int, iterations: int = 20, generator=None):
@@ -193,9 +196,10 @@ class LayerClusters:
 class ClusterState:
     """Per-layer clusters of a prefilled cache; routes decode attention while `decoding(self)` is active."""
 
-    def __init__(self, compressor: ClusterKV, layers: list[LayerClusters | None], seconds: float = 0.0):
+    def __init__(self, compressor: ClusterKV, layers: list[LayerClusters | None], prompt_len: int, seconds: float = 0.0):
         self.compressor = compressor
         self.layers = layers
+        self.budget = compressor.step_budget(prompt_len)
         self.seconds = seconds
 
     @classmethod
@@ -224,7 +228,8 @@ class ClusterState:
             layers.append(state)
         if cache.layers and cache.layers[-1].keys is not None and cache.layers[-1].keys.device.type == "cuda":
             torch.cuda.synchronize(cache.layers[-1].keys.device)
-        return cls(compressor, layers, time.perf_counter() - start)
+        prompt_len = cache.layers[0].keys.shape[2] if cache.layers else 0
+        return cls(compressor, layers, prompt_len, time.perf_counter() - start)
 
     def indices(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         """Positions attended by this decode step: sinks + selected + recent, (batch, kv_heads, n)."""
@@ -236,7 +241,7 @@ class ClusterState:
             end = state.clustered_end + comp.recluster_every
             state.append(key[:, :, state.clustered_end : end], comp.new_clusters, comp.iterations)
         sinks = min(comp.sinks, state.clustered_end)
-        room = max(0, comp.step_budget() - sinks - (kv_len - state.clustered_end))
+        room = max(0, self.budget - sinks - (kv_len - state.clustered_end))
         chosen = select_tokens(query, state.centroids, state.order, state.offsets, room)
         lead = chosen.shape[:-1]
         sink_idx = torch.arange(sinks, device=key.device).expand(*lead, sinks)
@@ -267,7 +272,7 @@ class ClusterState:
         comp, state = self.compressor, self.layers[layer_idx]
         sinks = min(comp.sinks, state.clustered_end)
         tail = key.shape[2] - state.clustered_end
-        room = max(0, comp.step_budget() - sinks - tail)
+        room = max(0, self.budget - sinks - tail)
         chosen = select_tokens(query, state.centroids, state.order, state.offsets, room)
         sink_idx = torch.arange(sinks, device=key.device).expand(*chosen.shape[:-1], sinks)
         idx = torch.cat([sink_idx, chosen], dim=-1)

@@ -63,7 +63,7 @@ class Settings:
 
 @dataclass(frozen=True)
 class Point:
-    """One cell of the grid; fullkv has a single point at ratio 1."""
+    """One cell of the grid; fullkv has a single point at ratio 1. A `ratio` above 1 is a token budget."""
 
     method: str
     ratio: float
@@ -71,6 +71,9 @@ class Point:
     @property
     def label(self) -> str:
         return ratio_label(self.ratio)
+
+    def compression(self) -> dict:
+        return {"budget": int(self.ratio)} if self.ratio > 1 else {"ratio": self.ratio}
 
 
 def ratio_label(ratio: float) -> str:
@@ -199,10 +202,10 @@ def make_targets(model, points: list[Point], settings: Settings) -> list:
     memo = LastLayerScores()
     targets = []
     for point in points:
-        params = dict(ratio=point.ratio, window=settings.window, chunk_size=settings.chunk_size)
+        params = dict(**point.compression(), window=settings.window, chunk_size=settings.chunk_size)
         compressor = make_compressor(point.method, **params)
         if isinstance(compressor, H2O):
-            compressor = SharedH2O(ratio=point.ratio, window=settings.window, block=compressor.block, memo=memo)
+            compressor = SharedH2O(**point.compression(), window=settings.window, block=compressor.block, memo=memo)
         targets.append(new_target(model, compressor, settings.reuse_layers, record=settings.task == "similarity"))
     return targets
 
@@ -245,7 +248,7 @@ class _Decided(Exception):
 def answer_and_score(model, tokenizer, target, pre, sample: Sample, settings: Settings) -> dict:
     """Greedy answer from the target's cache (stopping early once the needle is found), scored."""
     from chunkkv_cli.generate import decode
-    from chunkkv_cli.pipeline import eos_ids
+    from chunkkv_cli.pipeline import eos_ids, recall_state
 
     stops = eos_ids(model, tokenizer)
     ids: list[int] = []
@@ -260,8 +263,10 @@ def answer_and_score(model, tokenizer, target, pre, sample: Sample, settings: Se
             raise _Decided
 
     start = time.perf_counter()
+    recall = recall_state(target.compressor, target.cache)  # clusterkv: clusters to attend through
     try:
-        decode(model, target.cache, pre.logits, pre.prompt_len, settings.max_new_tokens, stops, on_token=collect)
+        decode(model, target.cache, pre.logits, pre.prompt_len, settings.max_new_tokens, stops, on_token=collect,
+               recall=recall)
     except _Decided:
         pass
     text = tokenizer.decode(ids, skip_special_tokens=True).strip()
