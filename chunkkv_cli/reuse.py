@@ -67,13 +67,20 @@ def compress_prefix(
     )
 
 
+def layer_device(model, layer_idx: int) -> torch.device:
+    """Where decoder layer `layer_idx` computes: its accelerate hook's execution device, else its weights'."""
+    layer = model.get_decoder().layers[layer_idx]
+    hooked = getattr(getattr(layer, "_hf_hook", None), "execution_device", None)
+    return torch.device(hooked) if hooked is not None else next(layer.parameters()).device
+
+
 def cache_copy(model, prefix: CompressedPrefix) -> DynamicCache:
-    """A fresh DynamicCache holding copies of the prefix's tensors, on the model's device and in its dtype."""
-    param = next(model.parameters())
+    """A fresh DynamicCache holding copies of the prefix's tensors, each layer on its layer's device, in the model's dtype."""
+    dtype = next(model.parameters()).dtype
     cache = DynamicCache(config=model.config)
     for layer_idx, (keys, values) in enumerate(zip(prefix.keys, prefix.values)):
-        copy = [t.to(param.device, param.dtype, copy=True) for t in (keys, values)]
-        store_layer(cache, layer_idx, *copy)
+        device = layer_device(model, layer_idx)
+        store_layer(cache, layer_idx, *[t.to(device, dtype, copy=True) for t in (keys, values)])
     return cache
 
 

@@ -99,11 +99,6 @@ def test_layers_on_two_devices_answer_like_one_device():
     assert texts[0] == texts[1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reuse.cache_copy copies every layer of the prefix to the first parameter's device; the layer on the "
-    "second device then concatenates across devices (RuntimeError in DynamicLayer.update)",
-)
 def test_a_compressed_prefix_on_two_devices_answers_like_one_device():
     assert answers(split_model())[1] == answers(tiny_model())[1]
 
