@@ -107,7 +107,7 @@ class CompressionSession:
     def _clock(device):
         if device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(device))  # the layer's own GPU when the model is split
             return event
         return time.perf_counter()
 
