@@ -52,3 +52,7 @@ def check_decoder(decoder: str) -> None:
 
     if decoder not in DECODERS:
         raise ChunkKVError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+
+MaxNewTokensOpt = Annotated[int, typer.Option(help="Most tokens to generate per answer.")]
+TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy; above 0 samples.")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling threshold (with --temperature).")]
