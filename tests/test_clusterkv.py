@@ -192,6 +192,22 @@ def test_fast_decoder_attends_sinks_chosen_clusters_and_every_new_slot_within_th
     assert state.attend_static(1, query, buffer, buffer, filled, attention) is None  # full layers
 
 
+def test_layers_fitted_together_or_alone_get_the_same_clusters_and_keys_join_their_nearest(model, prompt):
+    comp = make_compressor("clusterkv", budget=40, sinks=4, tokens_per_cluster=20, fit_per_cluster=5, full_layers=1)
+    target = new_target(model, comp)
+    prefill(model, prompt, [target])
+    together = ClusterState.build(comp, target.cache, max_stacked=8)
+    alone = ClusterState.build(comp, target.cache, max_stacked=1)
+    for a, b, layer in zip(together.layers[1:], alone.layers[1:], target.cache.layers[1:]):
+        torch.testing.assert_close(a.centroids, b.centroids)
+        assert torch.equal(a.order, b.order) and torch.equal(a.offsets, b.offsets)
+        sims = F.normalize(layer.keys[:, :, 4:], dim=-1) @ a.centroids.transpose(-1, -2)
+        nearest = sims.argmax(-1)
+        for cluster in range(a.centroids.shape[2]):  # the members of each cluster are the keys nearest to it
+            got = a.order[..., a.offsets[0, 0, cluster] : a.offsets[0, 0, cluster + 1]]
+            assert (nearest[0, 0, got[0, 0] - 4] == cluster).all()
+
+
 def test_clusterkv_keeps_the_whole_prompt_at_prefill(model, prompt):
     comp = make_compressor("clusterkv", budget=16)
     assert comp.select(torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), 0, 4, 0.25) is None

@@ -37,6 +37,10 @@ class ClusterKV(Compressor):
         Prompt keys per cluster (400 clusters at 32k tokens).
     iterations : int, default 20
         Lloyd iterations of k-means.
+    fit_per_cluster : int, default 10
+        Centroids are fitted on an evenly strided sample of this many prompt tokens per cluster
+        (1 in 8 at the default 80 per cluster); every token is then assigned to its nearest centroid
+        once. Layers are fitted together, so the GPU sees a few large calls instead of hundreds.
     full_layers : int, default 2
         The first layers keep full attention.
     recluster_every : int, default 320
@@ -49,6 +53,7 @@ class ClusterKV(Compressor):
     sinks: int = 16
     tokens_per_cluster: int = 80
     iterations: int = 20
+    fit_per_cluster: int = 10
     full_layers: int = 2
     recluster_every: int = 320
     new_clusters: int = 8
@@ -63,8 +68,10 @@ class ClusterKV(Compressor):
         for flag, value in (("--sinks", self.sinks), ("--full-layers", self.full_layers)):
             if value < 0:
                 raise ChunkKVError(f"{flag} must be 0 or more, got {value}")
-        if min(self.tokens_per_cluster, self.iterations, self.recluster_every, self.new_clusters) < 1:
-            raise ChunkKVError("clusterkv: tokens_per_cluster, iterations, recluster_every and new_clusters must be >= 1")
+        if min(self.tokens_per_cluster, self.iterations, self.recluster_every, self.new_clusters, self.fit_per_cluster) < 1:
+            raise ChunkKVError(
+                "clusterkv: tokens_per_cluster, iterations, fit_per_cluster, recluster_every and new_clusters must be >= 1"
+            )
 
     def kept_tokens(self, kv_len: int) -> int:
         return kv_len  # nothing is evicted; the budget applies per decode step
@@ -204,28 +211,21 @@ class ClusterState:
 
     @classmethod
     @torch.inference_mode()
-    def build(cls, compressor: ClusterKV, cache) -> "ClusterState":
-        """Cluster every layer's cached keys (after `full_layers`), sinks excluded."""
+    def build(cls, compressor: ClusterKV, cache, max_stacked: int = 8) -> "ClusterState":
+        """Cluster every layer's cached keys (after `full_layers`), sinks excluded.
+
+        Centroids are fitted on a strided sample of each layer's keys, up to `max_stacked` (layer,
+        sequence) pairs per k-means call; then each layer assigns all its keys in one pass.
+        """
         start = time.perf_counter()
-        layers: list[LayerClusters | None] = []
-        for layer_idx, layer in enumerate(cache.layers):
-            if layer_idx < compressor.full_layers:
-                layers.append(None)
-                continue
-            keys = layer.keys
-            sinks = min(compressor.sinks, keys.shape[2])
-            b, h, _, d = keys.shape
-            state = LayerClusters(
-                keys.new_zeros(b, h, 0, d, dtype=torch.float32),
-                torch.zeros(b, h, 0, dtype=torch.long, device=keys.device),
-                torch.zeros(b, h, 1, dtype=torch.long, device=keys.device),
-                sinks,
-            )
-            prompt = keys[:, :, sinks:]
-            if prompt.shape[2]:
-                n_clusters = math.ceil(prompt.shape[2] / compressor.tokens_per_cluster)
-                state.append(prompt, n_clusters, compressor.iterations)
-            layers.append(state)
+        n_layers = len(cache.layers)
+        layers: list[LayerClusters | None] = [None] * n_layers
+        todo = list(range(compressor.full_layers, n_layers))
+        batch = cache.layers[0].keys.shape[0] if cache.layers else 1
+        group = max(1, max_stacked // batch)
+        for first in range(0, len(todo), group):
+            for layer_idx, state in zip(todo[first : first + group], _fit_layers(compressor, cache, todo[first : first + group])):
+                layers[layer_idx] = state
         if cache.layers and cache.layers[-1].keys is not None and cache.layers[-1].keys.device.type == "cuda":
             torch.cuda.synchronize(cache.layers[-1].keys.device)
         prompt_len = cache.layers[0].keys.shape[2] if cache.layers else 0
@@ -279,6 +279,38 @@ class ClusterState:
         keys = torch.cat([gather_tokens(key, idx), key[:, :, state.clustered_end :]], dim=2)
         values = torch.cat([gather_tokens(value, idx), value[:, :, state.clustered_end :]], dim=2)
         return attention(query, keys, values, filled + (idx.shape[-1] - state.clustered_end))
+
+
+def _fit_layers(comp: ClusterKV, cache, layer_ids: list[int]) -> list[LayerClusters]:
+    """Clusters for several layers of one cache: one k-means over their stacked samples, then assignment per layer."""
+    keys = [cache.layers[i].keys for i in layer_ids]
+    b, h, n, d = keys[0].shape
+    sinks = min(comp.sinks, n)
+    states = [
+        LayerClusters(k.new_zeros(b, h, 0, d, dtype=torch.float32),
+                      torch.zeros(b, h, 0, dtype=torch.long, device=k.device),
+                      torch.zeros(b, h, 1, dtype=torch.long, device=k.device), sinks)
+        for k in keys
+    ]  # fmt: skip
+    n_prompt = n - sinks
+    if n_prompt == 0:
+        return states
+    n_clusters = math.ceil(n_prompt / comp.tokens_per_cluster)
+    n_fit = min(n_prompt, n_clusters * comp.fit_per_cluster)
+    picks = torch.linspace(sinks, n - 1, n_fit, device=keys[0].device).round().long()
+    sample = torch.cat([k.index_select(2, picks) for k in keys], dim=0)  # (layers * b, h, n_fit, d)
+    centroids, _ = kmeans_cosine(sample, n_clusters, comp.iterations)
+    for state, key, fitted in zip(states, keys, centroids.split(b, dim=0)):
+        assign = nearest_centroid(key[:, :, sinks:], fitted)
+        order, offsets = members(assign, n_clusters, sinks)
+        state.centroids, state.order, state.offsets, state.clustered_end = fitted, order, offsets, n
+    return states
+
+
+def nearest_centroid(keys: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of each key's most similar unit centroid (cosine), in the keys' precision: (batch, kv_heads, n)."""
+    unit = F.normalize(keys.float(), dim=-1).to(keys.dtype)
+    return (unit @ centroids.to(keys.dtype).transpose(-1, -2)).argmax(dim=-1)
 
 
 _active: ClusterState | None = None
