@@ -27,7 +27,9 @@ BudgetOpt = Annotated[
     typer.Option("--budget", "-b", help="Tokens kept per layer (window included); overrides --ratio."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU if there is one), cpu or cuda.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (every visible GPU, layers spread over them; else the CPU), cpu, cuda or cuda:N.")
+]
 WindowOpt = Annotated[int, typer.Option("--window", help="Observation window: the last W prompt tokens score the rest.")]
 ChunkSizeOpt = Annotated[int, typer.Option("--chunk-size", help="ChunkKV chunk length in tokens.")]
 ReuseOpt = Annotated[
