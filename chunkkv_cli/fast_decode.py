@@ -21,7 +21,7 @@ from chunkkv_cli.engine import STATIC_CACHE_KWARG, drop_layer
 class StaticKV:
     """Per-layer K/V buffers of one capacity; layer l of every sequence holds its first `write_pos[l]` slots.
 
-    Layers may hold different numbers of kept tokens (PyramidKV); the valid-slot mask tells attention which.
+    Layers may hold different numbers of kept tokens (PyramidKV); `filled` (layers, batch) tells attention how many.
     The source cache is emptied layer by layer as it is copied, so memory peaks at one extra layer.
     """
 
@@ -39,9 +39,7 @@ class StaticKV:
                 buffer[:, :, :n] = source
                 store.append(buffer)
             drop_layer(cache, index)
-        positions = torch.arange(capacity, device=self.keys[0].device)
         self.write_pos = torch.tensor(lengths, device=self.keys[0].device)
-        self.valid = (positions[None, :] < self.write_pos[:, None])[:, None, :].expand(-1, batch, -1).contiguous()
         self.filled = self.write_pos[:, None].expand(-1, batch).to(torch.int32).contiguous()
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -53,8 +51,6 @@ class StaticKV:
 
     def open_next_slot(self) -> None:
         """Mark every layer's next slot as filled (the new token attends to itself)."""
-        index = self.write_pos.view(-1, 1, 1).expand(-1, self.valid.shape[1], 1)
-        self.valid.scatter_(2, index, True)
         self.filled += 1
 
     def attend(self, layer_idx: int, query, key, value, scaling: float) -> torch.Tensor:
@@ -111,7 +107,7 @@ class FastDecoder:
         self.model = compiled_forward(model) if compile else model
         self.static = StaticKV(cache, new_tokens, recall)
         device = self.static.write_pos.device
-        batch = self.static.valid.shape[1]
+        batch = self.static.filled.shape[1]
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.full((batch, 1), start_pos, dtype=torch.long, device=device)
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
@@ -143,7 +139,7 @@ class FastDecoder:
 
     def _capture(self) -> None:
         """Warm up on a side stream (state restored afterwards), then record one step; capture runs nothing."""
-        state = (self.static.write_pos, self.static.valid, self.static.filled, self.position)
+        state = (self.static.write_pos, self.static.filled, self.position)
         saved = [t.clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

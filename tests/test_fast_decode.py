@@ -41,7 +41,7 @@ def test_static_buffers_hold_each_layers_kept_tokens_and_grow_in_place(model, pr
     static = StaticKV(target.cache, new_tokens=5)
     assert all(layer.keys.shape[-2] == 0 for layer in target.cache.layers), "the source cache is handed over"
     assert static.write_pos.tolist() == lengths
-    assert static.valid.sum(-1)[:, 0].tolist() == lengths
+    assert static.filled.tolist() == [[n, n] for n in lengths]
     first = static.keys[0]
     for layer, n in zip(range(len(lengths)), lengths):
         assert torch.equal(static.keys[layer][:, :, :n], kept_keys[layer])
@@ -49,7 +49,7 @@ def test_static_buffers_hold_each_layers_kept_tokens_and_grow_in_place(model, pr
     static.update(torch.ones(2, 2, 1, 16), torch.ones(2, 2, 1, 16), 0)
     static.advance()
     assert static.keys[0] is first and torch.all(first[:, :, lengths[0]] == 1)
-    assert static.valid.sum(-1)[:, 0].tolist() == [n + 1 for n in lengths]
+    assert static.filled.tolist() == [[n + 1, n + 1] for n in lengths]
 
 
 def test_unknown_decoder_is_rejected(model, prompt):

@@ -120,8 +120,7 @@ def kmeans_cosine(keys: torch.Tensor, n_clusters: int, iterations: int = 20, gen
         centroids = torch.where(empty[..., None], reseed, F.normalize(sums, dim=-1))
         if step < iterations // 2:
             centroids = split_merge(centroids, x, best)
-    assign = (low @ centroids.to(low.dtype).transpose(-1, -2)).argmax(dim=-1)
-    return centroids, assign
+    return centroids, nearest_centroid(keys, centroids)
 
 
 def split_merge(centroids: torch.Tensor, x: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
