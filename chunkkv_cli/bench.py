@@ -111,13 +111,13 @@ def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, 
         for layer in target.cache.layers:
             layer.batch_repeat_interleave(replicate)
         pre.logits = pre.logits.repeat_interleave(replicate, dim=0)
-    kv_bytes = cache_bytes(target.cache)
     recall = recall_state(compressor, target.cache)
+    kv_bytes = cache_bytes(target.cache)  # on the device (clusterkv --offload cpu has moved its clustered part)
     compress_s = pre.compress_seconds + (recall.seconds if recall is not None else 0.0)
     with PeakMemory(device) as decode_mem:
         synchronize(device)
         start = time.perf_counter()
-        step = make_step(model, target.cache, ids.shape[1], decode_tokens + 2, resolve_decoder(decoder, device), recall)
+        step = make_step(model, target.cache, ids.shape[1], decode_tokens + 2, resolve_decoder(decoder, device, recall), recall)
         step(pre.logits.argmax(-1))  # the first step builds (and on CUDA captures) the decoder
         synchronize(device)
         setup_seconds = time.perf_counter() - start
@@ -137,7 +137,7 @@ def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, 
         "peak_prefill_bytes": prefill_mem.peak,
         "peak_decode_bytes": decode_mem.peak,
         "kv_bytes": kv_bytes,
-        "kv_read_bytes": kv_bytes if recall is None else kv_bytes * min(1.0, recall.budget / ids.shape[1]),
+        "kv_read_bytes": kv_bytes if recall is None else pre.full_bytes * replicate * min(1.0, recall.budget / ids.shape[1]),
         "full_kv_bytes": pre.full_bytes * replicate,
     }
 
@@ -162,9 +162,9 @@ def median_of(runs: list[dict]) -> dict:
     return {k: (statistics.median(r[k] for r in runs) if runs[0][k] is not None else None) for k in keys}
 
 
-def measure_case(model, case: Case, ratio, budget, window, chunk_size, decode_tokens, repeats, replicate=1) -> dict:
-    """Median over `repeats` runs after one warm-up run."""
-    compressor = make_compressor(case.method, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
+def measure_case(model, case: Case, decode_tokens: int, repeats: int, replicate: int = 1, **compressor_args) -> dict:
+    """Median over `repeats` runs after one warm-up run; `compressor_args` go to `make_compressor`."""
+    compressor = make_compressor(case.method, **compressor_args)
     batch = 1 if replicate > 1 else case.batch
     ids = random_prompt(model, batch, case.seq)
     measure_once(model, ids, compressor, case.reuse_layers, decode_tokens, replicate, case.decoder)

@@ -88,10 +88,13 @@ def hf_step(model, cache, start_pos: int) -> Callable[[torch.Tensor], torch.Tens
 DECODERS = ("auto", "hf", "fast", "compiled")
 
 
-def resolve_decoder(decoder: str, device: torch.device) -> str:
-    """`auto` is the fast decoder on a GPU and the hf one on the CPU (where fast does not win)."""
+def resolve_decoder(decoder: str, device: torch.device, recall=None) -> str:
+    """`auto` is the fast decoder on a GPU and the hf one on the CPU (where fast does not win) or with offloading."""
+    offloaded = recall is not None and recall.offloaded
     if decoder == "auto":
-        return "fast" if device.type == "cuda" else "hf"
+        return "fast" if device.type == "cuda" and not offloaded else "hf"
+    if offloaded and decoder != "hf":
+        raise ChunkKVError("--offload cpu copies selected tokens from host memory at every step: use --decoder hf")
     return decoder
 
 
@@ -141,7 +144,7 @@ def decode(
     """
     device = first_logits.device
     if step is None:
-        step = make_step(model, cache, start_pos, max_new_tokens, resolve_decoder(decoder, device), recall)
+        step = make_step(model, cache, start_pos, max_new_tokens, resolve_decoder(decoder, device, recall), recall)
     eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
     token = pick_token(first_logits, temperature, top_p)
     finished = torch.zeros_like(token, dtype=torch.bool)

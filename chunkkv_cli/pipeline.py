@@ -102,8 +102,8 @@ def answer(
     target = new_target(model, compressor, reuse_layers)
     pre = prefill(model, input_ids, [target], on_layer)
     kept = kept_lengths(target.cache)
-    kept_bytes = cache_bytes(target.cache)
     recall = recall_state(compressor, target.cache)
+    kept_bytes = cache_bytes(target.cache)  # on the device: after clusterkv's --offload cpu moved the clustered part
     text, new_tokens, decode_seconds = stream_answer(
         model, tokenizer, target.cache, pre.logits, len(ids), max_new_tokens, on_text, temperature, top_p, decoder,
         recall,

@@ -16,7 +16,7 @@ from chunkkv_cli.compress.clusterkv import (
     members,
     select_tokens,
 )
-from chunkkv_cli.generate import decode, new_target, prefill
+from chunkkv_cli.generate import cache_bytes, decode, new_target, prefill
 
 PROMPT_LEN = 157
 
@@ -208,6 +208,37 @@ def test_layers_fitted_together_or_alone_get_the_same_clusters_and_keys_join_the
             assert (nearest[0, 0, got[0, 0] - 4] == cluster).all()
 
 
+def test_offloaded_clusters_answer_like_the_device_ones_and_free_the_device_cache(model, prompt):
+    outputs = {}
+    for offload in (None, "cpu"):
+        comp = make_compressor("clusterkv", budget=40, sinks=4, tokens_per_cluster=20, full_layers=1, offload=offload)
+        target = new_target(model, comp)
+        pre = prefill(model, prompt, [target])
+        full = cache_bytes(target.cache)
+        state = ClusterState.build(comp, target.cache)
+        outputs[offload] = decode(model, target.cache, pre.logits, PROMPT_LEN, 8, recall=state)
+        if offload:
+            assert state.offloaded and state.layers[0] is None and state.layers[1].host[0].shape[2] == PROMPT_LEN - 4
+            assert target.cache.layers[0].keys.shape[2] == PROMPT_LEN + 7  # the full layer stays whole
+            assert target.cache.layers[1].keys.shape[2] == 4 + 7  # sinks + generated tokens
+            assert cache_bytes(target.cache) < full / 2
+    assert torch.equal(outputs[None], outputs["cpu"])
+
+
+def test_offload_needs_the_hf_decoder(model, prompt):
+    from chunkkv_cli.errors import ChunkKVError
+
+    comp = make_compressor("clusterkv", budget=40, sinks=4, tokens_per_cluster=20, offload="cpu")
+    target = new_target(model, comp)
+    pre = prefill(model, prompt, [target])
+    state = ClusterState.build(comp, target.cache)
+    with pytest.raises(ChunkKVError, match="--decoder hf"):
+        decode(model, target.cache, pre.logits, PROMPT_LEN, 4, decoder="fast", recall=state)
+    assert decode(model, target.cache, pre.logits, PROMPT_LEN, 4, decoder="auto", recall=state).shape == (2, 4)
+    with pytest.raises(ChunkKVError, match="--offload"):
+        make_compressor("clusterkv", offload="gpu")
+
+
 def test_clusterkv_keeps_the_whole_prompt_at_prefill(model, prompt):
     comp = make_compressor("clusterkv", budget=16)
     assert comp.select(torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), 0, 4, 0.25) is None
@@ -256,6 +287,22 @@ def test_cli_ask_clusterkv_clusters_and_decodes(tiny_loaded, doc, monkeypatch):
     assert report["method"] == "clusterkv" and report["new_tokens"] == 4
     assert report["kept_tokens"] == report["prompt_tokens"]
     assert len(built) == 1 and built[0].budget == 64
+
+
+def test_cli_offload_cpu_shrinks_the_device_cache_and_is_clusterkv_only(tiny_loaded, doc):
+    import json
+
+    reports = {}
+    for extra in ((), ("--offload", "cpu")):
+        result = invoke(doc, "Who?", "--method", "clusterkv", "--budget", "64", "--max-new-tokens", "4", "--json", *extra)
+        assert result.exit_code == 0, result.output
+        reports[extra] = json.loads(result.stdout[result.stdout.index("{"):])
+    on_device, offloaded = reports[()], reports[("--offload", "cpu")]
+    assert offloaded["text"] == on_device["text"]
+    # layers 0-1 of the tiny model's 4 stay whole (full_layers=2); layers 2-3 keep only sinks + new tokens
+    assert offloaded["kept_kv_bytes"] < 0.6 * on_device["kept_kv_bytes"]
+    one_line_error(invoke(doc, "Who?", "--offload", "cpu"), "--method clusterkv")
+    one_line_error(invoke(doc, "Who?", "--method", "clusterkv", "--offload", "cpu", "--decoder", "fast"), "--decoder hf")
 
 
 def test_cli_clusterkv_takes_one_question(tiny_loaded, doc, tmp_path):

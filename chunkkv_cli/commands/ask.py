@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from chunkkv_cli.commands.options import (
     DecoderOpt,
     check_decoder,
+    offload_args,
     DEFAULT_MODEL,
     BudgetOpt,
     ChunkSizeOpt,
@@ -25,6 +26,7 @@ from chunkkv_cli.commands.options import (
     JsonOpt,
     MaxNewTokensOpt,
     ModelOpt,
+    OffloadOpt,
     RatioOpt,
     ReuseOpt,
     TemperatureOpt,
@@ -94,6 +96,7 @@ def ask(
     top_p: TopPOpt = 1.0,
     truncate: TruncateOpt = False,
     decoder: DecoderOpt = "auto",
+    offload: OffloadOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -116,7 +119,9 @@ def ask(
         return _ask_cache(document, asked, model, device, dtype, trust_remote_code, json_out, generation, many)
     if method is Method.clusterkv and questions is not None:
         raise ChunkKVError("--method clusterkv selects tokens at every decode step: ask one QUESTION at a time")
-    compressor = make_compressor(method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
+    compressor = make_compressor(
+        method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size, **offload_args(method.value, offload)
+    )
     text = _read(document)
     load = (model, device, dtype, trust_remote_code)
     if questions is not None:

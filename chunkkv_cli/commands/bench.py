@@ -10,7 +10,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chunkkv_cli.commands.options import BudgetOpt, ChunkSizeOpt, DeviceOpt, JsonOpt, RatioOpt, WindowOpt
+from chunkkv_cli.commands.options import (
+    BudgetOpt,
+    ChunkSizeOpt,
+    DeviceOpt,
+    JsonOpt,
+    OffloadOpt,
+    RatioOpt,
+    WindowOpt,
+    offload_args,
+)
 from chunkkv_cli.errors import ChunkKVError
 
 EXAMPLES = """[b]Examples[/b]
@@ -39,6 +48,7 @@ def bench(
     decode_tokens: Annotated[Optional[int], typer.Option(help="Decode steps timed [default: 128 on GPU, 16 on CPU].")] = None,
     repeats: Annotated[Optional[int], typer.Option(help="Timed runs per row (median reported), after one warm-up.")] = None,
     decoder: Annotated[Optional[str], typer.Option(help="Decoders to time, comma-separated: hf, fast, compiled [default: hf,fast on a GPU, hf on the CPU].")] = None,
+    offload: OffloadOpt = None,
     share_prompt: Annotated[bool, typer.Option(help="Prefill one sequence and copy its cache to the whole --batch (decode timing where a batched prefill would not fit; prefill figures are then per sequence).")] = False,
     random_weights: Annotated[bool, typer.Option(help="Random weights of the profile's shape (default when it has no weights).")] = False,
     window: WindowOpt = 32,
@@ -65,14 +75,16 @@ def bench(
     repeats = repeats or defaults["repeats"]
     if decode_tokens < 1 or repeats < 1:
         raise ChunkKVError("--decode-tokens and --repeats must be at least 1")
-    compressor_args = {"ratio": ratio, "budget": budget, "window": window, "chunk_size": chunk_size}
+    compressor_args = {"ratio": ratio, "budget": budget, "window": window, "chunk_size": chunk_size,
+                       **offload_args(method, offload)}
     make_compressor(method, **compressor_args)  # validate before loading anything
     err = Console(stderr=True)
     if torch_device.type == "cpu":
         err.print("[yellow]no GPU: timing on the CPU at small lengths; GPU figures need a CUDA device[/]")
     loaded = load_model(model or defaults["model"], str(torch_device), dtype, random_weights=random_weights)
     _check_lengths(seqs, loaded.profile, random=loaded.tokenizer is None, console=err)
-    decoders = _decoders(decoder or ("hf,fast" if torch_device.type == "cuda" else "hf"), torch_device)
+    default_decoders = "hf,fast" if torch_device.type == "cuda" and not offload else "hf"
+    decoders = _decoders(decoder or default_decoders, torch_device)
     cases = plan_cases(method, seqs, reuse, batches, decoders)
     with err.status("") as status:
         rows = run_bench(

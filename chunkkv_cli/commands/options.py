@@ -58,3 +58,18 @@ def check_decoder(decoder: str) -> None:
 MaxNewTokensOpt = Annotated[int, typer.Option(help="Most tokens to generate per answer.")]
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy; above 0 samples.")]
 TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling threshold (with --temperature).")]
+
+OffloadOpt = Annotated[
+    Optional[str],
+    typer.Option(help="clusterkv only: 'cpu' keeps the clustered prompt K/V in pinned host memory and copies in "
+                 "the selected tokens at each step (hf decoder)."),
+]
+
+
+def offload_args(method: str, offload: str | None) -> dict:
+    """Compressor arguments for --offload, which only clusterkv takes."""
+    if offload is None:
+        return {}
+    if method != "clusterkv":
+        raise ChunkKVError(f"--offload is for --method clusterkv (it recalls tokens at decode time), not {method}")
+    return {"offload": offload}

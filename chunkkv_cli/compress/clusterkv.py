@@ -47,6 +47,10 @@ class ClusterKV(Compressor):
         Generated tokens are attended in full until this many have accumulated, then clustered
         into `new_clusters` clusters appended to the layer's (older clusters are kept as they are).
     new_clusters : int, default 8
+    offload : str, optional
+        "cpu": after clustering, the clustered prompt K/V move to (pinned) host memory; the device keeps
+        the sinks and generated tokens, and each step copies in only the selected tokens. Needs the
+        hf decoder; generated tokens are then attended in full (not re-clustered).
     """
 
     budget: int | None = 1024
@@ -54,6 +58,7 @@ class ClusterKV(Compressor):
     tokens_per_cluster: int = 80
     iterations: int = 20
     fit_per_cluster: int = 10
+    offload: str | None = None
     full_layers: int = 2
     recluster_every: int = 320
     new_clusters: int = 8
@@ -68,6 +73,8 @@ class ClusterKV(Compressor):
         for flag, value in (("--sinks", self.sinks), ("--full-layers", self.full_layers)):
             if value < 0:
                 raise ChunkKVError(f"{flag} must be 0 or more, got {value}")
+        if self.offload not in (None, "cpu"):
+            raise ChunkKVError(f"--offload takes cpu, got {self.offload!r}")
         if min(self.tokens_per_cluster, self.iterations, self.recluster_every, self.new_clusters, self.fit_per_cluster) < 1:
             raise ChunkKVError(
                 "clusterkv: tokens_per_cluster, iterations, fit_per_cluster, recluster_every and new_clusters must be >= 1"
@@ -188,6 +195,7 @@ class LayerClusters:
     order: torch.Tensor
     offsets: torch.Tensor
     clustered_end: int  # tokens [sinks, clustered_end) are clustered; later ones are "recent"
+    host: tuple[torch.Tensor, torch.Tensor] | None = None  # offloaded K/V of [sinks, clustered_end)
 
     def append(self, keys: torch.Tensor, n_clusters: int, iterations: int) -> None:
         """Cluster keys (the next tokens after clustered_end) and add their clusters."""
@@ -228,7 +236,33 @@ class ClusterState:
         if cache.layers and cache.layers[-1].keys is not None and cache.layers[-1].keys.device.type == "cuda":
             torch.cuda.synchronize(cache.layers[-1].keys.device)
         prompt_len = cache.layers[0].keys.shape[2] if cache.layers else 0
-        return cls(compressor, layers, prompt_len, time.perf_counter() - start)
+        state = cls(compressor, layers, prompt_len, time.perf_counter() - start)
+        if compressor.offload:
+            state.offload(cache)
+        return state
+
+    @property
+    def offloaded(self) -> bool:
+        return any(layer is not None and layer.host is not None for layer in self.layers)
+
+    def offload(self, cache) -> None:
+        """Move each clustered layer's clustered K/V to host memory; the device cache keeps sinks + later tokens."""
+        pin = torch.cuda.is_available()
+        for layer_idx, state in enumerate(self.layers):
+            if state is None:
+                continue
+            layer, sinks = cache.layers[layer_idx], self.sinks_of(state)
+            host = []
+            for states in (layer.keys, layer.values):
+                part = states[:, :, sinks : state.clustered_end]
+                host.append(torch.empty(part.shape, dtype=part.dtype, pin_memory=pin).copy_(part))
+            state.host = tuple(host)
+            layer.keys, layer.values = (
+                torch.cat([t[:, :, :sinks], t[:, :, state.clustered_end :]], dim=2) for t in (layer.keys, layer.values)
+            )
+
+    def sinks_of(self, state: "LayerClusters") -> int:
+        return min(self.compressor.sinks, state.clustered_end)
 
     def indices(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         """Positions attended by this decode step: sinks + selected + recent, (batch, kv_heads, n)."""
@@ -253,10 +287,23 @@ class ClusterState:
         query: (batch, q_heads, 1, d); key/value: (batch, kv_heads, kv_len, d).
         Returns (batch, 1, q_heads, d) like transformers' attention functions.
         """
+        if layer_idx < len(self.layers) and self.layers[layer_idx] is not None and self.layers[layer_idx].host:
+            return self._attend_offloaded(self.layers[layer_idx], query, key, value, scaling)
         idx = self.indices(layer_idx, query, key)
         if idx is None:
             return None
         return grouped_decode_attention(query, gather_tokens(key, idx), gather_tokens(value, idx), scaling)
+
+    def _attend_offloaded(self, state: "LayerClusters", query, key, value, scaling: float):
+        """key/value hold the sinks then every later token; the chosen clustered tokens come from host memory."""
+        sinks = self.sinks_of(state)
+        room = max(0, self.budget - key.shape[2])
+        chosen = select_tokens(query, state.centroids, state.order, state.offsets, room)
+        on_host = (chosen - sinks).cpu()
+        recalled = [gather_tokens(t, on_host).to(key.device, non_blocking=True) for t in state.host]
+        keys = torch.cat([key[:, :, :sinks], recalled[0], key[:, :, sinks:]], dim=2)
+        values = torch.cat([value[:, :, :sinks], recalled[1], value[:, :, sinks:]], dim=2)
+        return grouped_decode_attention(query, keys, values, scaling)
 
     def attend_static(self, layer_idx: int, query, key, value, filled: torch.Tensor, attention):
         """The fast decoder's variant: fixed shapes, so one CUDA graph serves every step.
