@@ -166,10 +166,10 @@ def test_fast_decoder_with_a_budget_covering_the_cache_reproduces_fullkv(model, 
 def test_fast_decoder_attends_sinks_chosen_clusters_and_every_new_slot_within_the_budget(model, prompt):
     comp = make_compressor("clusterkv", budget=40, sinks=4, tokens_per_cluster=20, full_layers=2)
     target = new_target(model, comp)
-    pre = prefill(model, prompt, [target])
+    prefill(model, prompt, [target])
     state = ClusterState.build(comp, target.cache)
     key = target.cache.layers[2].keys
-    capacity = PROMPT_LEN + 10  # ten slots for generated tokens, three of them filled
+    # a static buffer: the prompt, then ten slots for generated tokens of which three are filled
     buffer = torch.cat([key, torch.full((2, 2, 10, 16), 7.0)], dim=2)
     buffer[:, :, PROMPT_LEN : PROMPT_LEN + 3] = -7.0
     filled = torch.full((2,), PROMPT_LEN + 3)

@@ -264,16 +264,20 @@ class ClusterState:
     def sinks_of(self, state: "LayerClusters") -> int:
         return min(self.compressor.sinks, state.clustered_end)
 
+    def clusters(self, layer_idx: int) -> "LayerClusters | None":
+        """This layer's clusters, or None for a layer attended in full."""
+        return self.layers[layer_idx] if layer_idx < len(self.layers) else None
+
     def indices(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         """Positions attended by this decode step: sinks + selected + recent, (batch, kv_heads, n)."""
-        if layer_idx >= len(self.layers) or self.layers[layer_idx] is None:
+        comp, state = self.compressor, self.clusters(layer_idx)
+        if state is None:
             return None
-        comp, state = self.compressor, self.layers[layer_idx]
         kv_len = key.shape[2]
         if kv_len - state.clustered_end > comp.recluster_every:
             end = state.clustered_end + comp.recluster_every
             state.append(key[:, :, state.clustered_end : end], comp.new_clusters, comp.iterations)
-        sinks = min(comp.sinks, state.clustered_end)
+        sinks = self.sinks_of(state)
         room = max(0, self.budget - sinks - (kv_len - state.clustered_end))
         chosen = select_tokens(query, state.centroids, state.order, state.offsets, room)
         lead = chosen.shape[:-1]
@@ -287,8 +291,9 @@ class ClusterState:
         query: (batch, q_heads, 1, d); key/value: (batch, kv_heads, kv_len, d).
         Returns (batch, 1, q_heads, d) like transformers' attention functions.
         """
-        if layer_idx < len(self.layers) and self.layers[layer_idx] is not None and self.layers[layer_idx].host:
-            return self._attend_offloaded(self.layers[layer_idx], query, key, value, scaling)
+        state = self.clusters(layer_idx)
+        if state is not None and state.host is not None:
+            return self._attend_offloaded(state, query, key, value, scaling)
         idx = self.indices(layer_idx, query, key)
         if idx is None:
             return None
@@ -313,10 +318,10 @@ class ClusterState:
         re-clustered here), and fewer clusters are taken so that sinks + clusters + those slots stay
         within the budget. `attention(query, keys, values, lengths)` attends to the first `lengths` rows.
         """
-        if layer_idx >= len(self.layers) or self.layers[layer_idx] is None:
+        state = self.clusters(layer_idx)
+        if state is None:
             return None
-        comp, state = self.compressor, self.layers[layer_idx]
-        sinks = min(comp.sinks, state.clustered_end)
+        sinks = self.sinks_of(state)
         tail = key.shape[2] - state.clustered_end
         room = max(0, self.budget - sinks - tail)
         chosen = select_tokens(query, state.centroids, state.order, state.offsets, room)
