@@ -26,6 +26,7 @@ from chunkkv_cli.decode_kernel import decode_attention
 from chunkkv_cli.fast_decode import FastDecoder
 from chunkkv_cli.generate import new_target, prefill
 from chunkkv_cli.model import build_random_model
+from chunkkv_cli.pipeline import recall_state
 from chunkkv_cli.profiles import load_profile
 
 
@@ -108,16 +109,20 @@ def kernel_table(decoder, rows=25) -> tuple[float, str]:
     return total, events.table(sort_by="cuda_time_total", row_limit=rows)
 
 
-def decoder_timing(model, method: str, seq: int, ratio: float, batch: int, steps: int, compile: bool) -> dict:
+def decoder_timing(
+    model, method: str, seq: int, ratio: float, batch: int, steps: int, compile: bool, print_table: bool = False
+) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda")
-    target = new_target(model, make_compressor(method, ratio=ratio))
+    compressor = make_compressor(method, budget=1024) if method == "clusterkv" else make_compressor(method, ratio=ratio)
+    target = new_target(model, compressor)
     pre = prefill(model, ids, [target])
     for layer in target.cache.layers:
         layer.batch_repeat_interleave(batch)
+    recall = recall_state(compressor, target.cache)
     kv_bytes = sum(t.numel() * t.element_size() for layer in target.cache.layers for t in (layer.keys, layer.values))
     torch.cuda.synchronize()
     start = time.perf_counter()
-    decoder = FastDecoder(model, target.cache, seq, steps + 8, compile=compile)
+    decoder = FastDecoder(model, target.cache, seq, steps + 8, compile=compile, recall=recall)
     torch.cuda.synchronize()
     setup_s = time.perf_counter() - start
     token = pre.logits.argmax(-1).repeat_interleave(batch)
@@ -127,7 +132,8 @@ def decoder_timing(model, method: str, seq: int, ratio: float, batch: int, steps
     capture_s = time.perf_counter() - start
     replay_ms = events_ms(lambda: decoder.step(token), iters=steps)
     kernel_ms, table = kernel_table(decoder)
-    print(table if batch == 1 and method == "chunkkv" else "", flush=True)
+    if print_table:
+        print(table, flush=True)
     return {"method": method, "batch": batch, "kv_bytes": kv_bytes, "setup_s": setup_s, "capture_s": capture_s,
             "replay_ms": replay_ms, "eager_kernel_ms": kernel_ms}
 
@@ -140,6 +146,8 @@ def main() -> None:
     parser.add_argument("--variants", default="triton,compiled", help="triton, compiled, sdpa_mask")
     parser.add_argument("--methods", default="chunkkv,fullkv")
     parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--fullkv-batches", action="store_true", help="time fullkv at every batch, not only 1")
+    parser.add_argument("--tables", default="chunkkv", help="methods whose kernel table is printed")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     report = {"bandwidth_gb_s": copy_bandwidth(torch.device("cuda")) / 1e9}
@@ -154,9 +162,12 @@ def main() -> None:
             os.environ["CHUNKKV_NO_TRITON"] = "1"
         for batch in [int(b) for b in args.batches.split(",")]:
             for method in args.methods.split(","):
-                if method == "fullkv" and batch > 1:
+                if method == "fullkv" and batch > 1 and not args.fullkv_batches:
                     continue
-                row = {"attention": variant, **decoder_timing(model, method, args.seq, args.ratio, batch, 50, variant == "compiled")}
+                timing = decoder_timing(
+                    model, method, args.seq, args.ratio, batch, 50, variant == "compiled", method in args.tables.split(",")
+                )
+                row = {"attention": variant, **timing}
                 row["floor_ms"] = 1000 * (weight_bytes + row["kv_bytes"]) / (report["bandwidth_gb_s"] * 1e9)
                 rows.append(row)
                 print(row, flush=True)

@@ -47,18 +47,55 @@ def decode_attention(
     Returns (b, 1, q_heads, d), the layout transformers' attention functions return. A custom op,
     so torch.compile treats it as one opaque call.
     """
+    return _launch(query, key, value, lengths, scaling, None, 0)
+
+
+@decode_attention.register_fake
+def _(query, key, value, lengths, scaling):
+    return _fake_output(query)
+
+
+@torch.library.custom_op("chunkkv::decode_attention_indexed", mutates_args=())
+def decode_attention_indexed(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor,
+    tail_start: int, scaling: float,
+) -> torch.Tensor:
+    """Attention over chosen slots, then a contiguous tail: what ClusterKV's fast decoder attends.
+
+    index (b, kv_heads, n_index): buffer positions attended first (sinks and chosen clusters); then
+    slots tail_start, tail_start + 1, ... of the buffer. lengths (b,) counts both parts, so it stops
+    the tail at the last filled slot. The K/V rows are read in place, never gathered into a copy.
+    """
+    return _launch(query, key, value, lengths, scaling, index, tail_start)
+
+
+@decode_attention_indexed.register_fake
+def _(query, key, value, index, lengths, tail_start, scaling):
+    return _fake_output(query)
+
+
+def _fake_output(query: torch.Tensor) -> torch.Tensor:
+    b, q_heads, _, d = query.shape
+    return query.new_empty(b, 1, q_heads, d)
+
+
+def _launch(query, key, value, lengths, scaling: float, index: torch.Tensor | None, tail_start: int) -> torch.Tensor:
     b, q_heads, _, d = query.shape
     kv_heads, capacity = key.shape[1], key.shape[2]
+    n_index = 0 if index is None else index.shape[-1]
     group = q_heads // kv_heads
     group_pad = max(16, triton.next_power_of_2(group))
-    splits, chunk = split_plan(capacity, b * kv_heads)
+    splits, chunk = split_plan(n_index + capacity - tail_start, b * kv_heads)
     partial = torch.empty(b * kv_heads * splits, group_pad, d, device=query.device, dtype=torch.float32)
     stats = torch.empty(b * kv_heads * splits, group_pad, 2, device=query.device, dtype=torch.float32)
+    positions = key if index is None else index  # unread when there is no index
     _split_attention[(b * kv_heads, splits)](
-        query, key, value, lengths, partial, stats,
+        query, key, value, lengths, positions, partial, stats,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), scaling,
+        value.stride(0), value.stride(1), value.stride(2), positions.stride(0), positions.stride(1),
+        n_index, tail_start, scaling,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, D=d, BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits,
+        HAS_INDEX=index is not None,
     )
     out = torch.empty(b, 1, q_heads, d, device=query.device, dtype=query.dtype)
     _merge_splits[(b * kv_heads, group)](
@@ -67,20 +104,15 @@ def decode_attention(
     return out
 
 
-@decode_attention.register_fake
-def _(query, key, value, lengths, scaling):
-    b, q_heads, _, d = query.shape
-    return query.new_empty(b, 1, q_heads, d)
-
-
 if triton is not None:
 
     @triton.jit
     def _split_attention(
-        Q, K, V, LENGTHS, PARTIAL, STATS,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, scaling,
+        Q, K, V, LENGTHS, INDEX, PARTIAL, STATS,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ib, stride_ih,
+        n_index, tail_start, scaling,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_INDEX: tl.constexpr,
     ):
         seq_head = tl.program_id(0)
         split = tl.program_id(1)
@@ -103,13 +135,19 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             inside = cols < end
-            k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :], mask=inside[:, None], other=0.0)
+            if HAS_INDEX:  # slot j reads position index[j] below n_index, tail_start + j - n_index above
+                listed = cols < n_index
+                rows_at = tl.load(INDEX + b * stride_ib + h * stride_ih + cols, mask=inside & listed, other=0)
+                rows_at = tl.where(listed, rows_at, cols - n_index + tail_start)
+            else:
+                rows_at = cols
+            k = tl.load(k_base + rows_at[:, None] * stride_kn + dims[None, :], mask=inside[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k)) * scaling
             scores = tl.where(inside[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, 1))
             rescale = tl.exp(best - new_best)
             p = tl.exp(scores - new_best[:, None])
-            v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :], mask=inside[:, None], other=0.0)
+            v = tl.load(v_base + rows_at[:, None] * stride_vn + dims[None, :], mask=inside[:, None], other=0.0)
             acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
             total = total * rescale + tl.sum(p, 1)
             best = new_best

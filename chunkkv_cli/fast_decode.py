@@ -14,7 +14,7 @@ import weakref
 import torch
 
 from chunkkv_cli import decode_kernel
-from chunkkv_cli.compress.base import grouped_decode_attention
+from chunkkv_cli.compress.base import gather_tokens, grouped_decode_attention
 from chunkkv_cli.engine import STATIC_CACHE_KWARG, drop_layer
 
 
@@ -55,18 +55,19 @@ class StaticKV:
 
     def attend(self, layer_idx: int, query, key, value, scaling: float) -> torch.Tensor:
         """One new token per sequence over this layer's filled slots (or the clusters ClusterKV selects)."""
-
-        def attention(q, keys, values, lengths):
-            if decode_kernel.available(q.device, q.shape[-1]):
-                return decode_kernel.decode_attention(q, keys, values, lengths, scaling)
-            mask = torch.arange(keys.shape[2], device=keys.device)[None, :] < lengths[:, None]
-            return grouped_decode_attention(q, keys, values, scaling, mask)
-
-        if self.recall is not None:
-            out = self.recall.attend_static(layer_idx, query, key, value, self.filled[layer_idx], attention)
-            if out is not None:
-                return out
-        return attention(query, key, value, self.filled[layer_idx])
+        lengths = self.filled[layer_idx]
+        picked = None if self.recall is None else self.recall.static_index(layer_idx, query, key.shape[2])
+        if picked is not None:
+            index, tail_start = picked
+            lengths = lengths + (index.shape[-1] - tail_start)
+        if decode_kernel.available(query.device, query.shape[-1]):
+            if picked is None:
+                return decode_kernel.decode_attention(query, key, value, lengths, scaling)
+            return decode_kernel.decode_attention_indexed(query, key, value, index, lengths, tail_start, scaling)
+        if picked is not None:
+            key, value = (torch.cat([gather_tokens(t, index), t[:, :, tail_start:]], dim=2) for t in (key, value))
+        mask = torch.arange(key.shape[2], device=key.device)[None, :] < lengths[:, None]
+        return grouped_decode_attention(query, key, value, scaling, mask)
 
     def advance(self) -> None:
         self.write_pos += 1

@@ -168,28 +168,33 @@ def test_fast_decoder_attends_sinks_chosen_clusters_and_every_new_slot_within_th
     target = new_target(model, comp)
     prefill(model, prompt, [target])
     state = ClusterState.build(comp, target.cache)
-    key = target.cache.layers[2].keys
-    # a static buffer: the prompt, then ten slots for generated tokens of which three are filled
-    buffer = torch.cat([key, torch.full((2, 2, 10, 16), 7.0)], dim=2)
-    buffer[:, :, PROMPT_LEN : PROMPT_LEN + 3] = -7.0
-    filled = torch.full((2,), PROMPT_LEN + 3)
-    seen = {}
-
-    def attention(q, keys, values, lengths):
-        seen.update(keys=keys, lengths=lengths)
-        return torch.zeros(2, 1, 4, 16)
-
     query = torch.randn(2, 4, 1, 16)
-    state.attend_static(2, query, buffer, buffer, filled, attention)
-    keys, lengths = seen["keys"], seen["lengths"]
-    assert keys.shape[2] == 40  # sinks + chosen + the 10 slots after the prompt: the budget exactly
-    assert lengths.tolist() == [40 - 7, 40 - 7]  # the 7 unfilled slots are cut off by the length
-    assert torch.equal(keys[:, :, :4], key[:, :, :4])  # sinks first
-    assert keys[:, :, 30:33].eq(-7.0).all() and keys[:, :, 33:].eq(7.0).all()  # then every new slot
+    index, tail_start = state.static_index(2, query, PROMPT_LEN + 10)  # ten slots for generated tokens
+    assert tail_start == PROMPT_LEN and index.shape == (2, 2, 40 - 10)  # sinks + chosen + 10 slots: the budget
+    assert index[..., :4].eq(torch.arange(4)).all()  # sinks first
     layer = state.layers[2]
     chosen = select_tokens(query, layer.centroids, layer.order, layer.offsets, 40 - 4 - 10)
-    assert torch.equal(keys[:, :, 4:30], gather_tokens(key, chosen))
-    assert state.attend_static(1, query, buffer, buffer, filled, attention) is None  # full layers
+    assert torch.equal(index[..., 4:], chosen)
+    assert state.static_index(1, query, PROMPT_LEN + 10) is None  # full layers
+
+
+def test_static_attention_reads_the_index_then_the_filled_new_slots_only(model, prompt):
+    from chunkkv_cli.compress.base import grouped_decode_attention
+    from chunkkv_cli.fast_decode import StaticKV
+
+    comp = make_compressor("clusterkv", budget=40, sinks=4, tokens_per_cluster=20, full_layers=2)
+    target = new_target(model, comp)
+    prefill(model, prompt, [target])
+    state = ClusterState.build(comp, target.cache)
+    static = StaticKV(target.cache, new_tokens=10, recall=state)
+    static.filled += 3  # three generated tokens in the buffer; seven slots still unfilled
+    keys, values = static.keys[2], static.values[2]
+    keys[:, :, PROMPT_LEN + 3 :] = 1e4  # attending an unfilled slot would swamp the result
+    query = torch.randn(2, 4, 1, 16)
+    got = static.attend(2, query, keys, values, 0.25)
+    index, _ = state.static_index(2, query, keys.shape[2])
+    picked = [torch.cat([gather_tokens(t, index), t[:, :, PROMPT_LEN : PROMPT_LEN + 3]], dim=2) for t in (keys, values)]
+    torch.testing.assert_close(got, grouped_decode_attention(query, *picked, 0.25))
 
 
 def test_layers_fitted_together_or_alone_get_the_same_clusters_and_keys_join_their_nearest(model, prompt):

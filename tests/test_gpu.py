@@ -65,28 +65,6 @@ def test_fast_decoder_graph_replay_matches_eager_steps_and_hf():
         token = c.argmax(-1)
 
 
-@pytest.mark.parametrize("batch,q_heads,kv_heads,capacity", [(1, 32, 8, 3300), (3, 28, 4, 700), (2, 8, 8, 64), (5, 9, 3, 2000)])
-def test_split_kv_kernel_matches_masked_reference(batch, q_heads, kv_heads, capacity):
-    from chunkkv_cli.compress.base import grouped_decode_attention
-    from chunkkv_cli.decode_kernel import available, decode_attention
-
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    q = torch.randn(batch, q_heads, 1, 128 if kv_heads != 3 else 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    if not available(q.device, q.shape[-1]):
-        pytest.skip("Triton is not installed")
-    k = torch.randn(batch, kv_heads, capacity, q.shape[-1], device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn_like(k)
-    lengths = torch.randint(1, capacity + 1, (batch,), device="cuda", generator=gen, dtype=torch.int32)
-    lengths[0] = capacity  # one sequence uses every slot, others stop mid-block
-    unfilled = torch.arange(capacity, device="cuda")[None, :] >= lengths[:, None]
-    k.masked_fill_(unfilled[:, None, :, None], 100.0)  # attending an unfilled slot would swamp the result
-    mask = torch.arange(capacity, device="cuda")[None, :] < lengths[:, None]
-    expected = grouped_decode_attention(q.float(), k.float(), v.float(), 0.1, mask)
-    got = decode_attention(q, k, v, lengths, 0.1)
-    assert got.shape == (batch, 1, q_heads, q.shape[-1])
-    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
-
-
 def test_compiled_decoder_matches_the_eager_fast_decoder():
     from tests.conftest import tiny_model
 

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from chunkkv_cli import select_kernel
 from chunkkv_cli.compress.base import Compressor, gather_tokens, grouped_decode_attention, group_queries
 from chunkkv_cli.errors import ChunkKVError
 
@@ -218,7 +219,7 @@ class ClusterState:
 
     @classmethod
     @torch.inference_mode()
-    def build(cls, compressor: ClusterKV, cache, max_stacked: int = 8) -> "ClusterState":
+    def build(cls, compressor: ClusterKV, cache, max_stacked: int = 32) -> "ClusterState":
         """Cluster every layer's cached keys (after `full_layers`), sinks excluded.
 
         Centroids are fitted on a strided sample of each layer's keys, up to `max_stacked` (layer,
@@ -310,26 +311,25 @@ class ClusterState:
         values = torch.cat([value[:, :, :sinks], recalled[1], value[:, :, sinks:]], dim=2)
         return grouped_decode_attention(query, keys, values, scaling)
 
-    def attend_static(self, layer_idx: int, query, key, value, filled: torch.Tensor, attention):
-        """The fast decoder's variant: fixed shapes, so one CUDA graph serves every step.
+    def static_index(self, layer_idx: int, query, capacity: int) -> tuple[torch.Tensor, int] | None:
+        """The fast decoder's selection: fixed shapes, so one CUDA graph serves every step.
 
-        key/value are a static buffer (batch, kv_heads, capacity, d) whose first `filled` slots (batch,)
-        hold tokens. Every slot after the clustered prompt is attended (generated tokens are not
-        re-clustered here), and fewer clusters are taken so that sinks + clusters + those slots stay
-        within the budget. `attention(query, keys, values, lengths)` attends to the first `lengths` rows.
+        The layer's K/V sit in a static buffer of `capacity` slots. Every slot after the clustered
+        prompt is attended (generated tokens are not re-clustered here), so fewer clusters are taken
+        to keep sinks + clusters + those slots within the budget. Returns (index, tail_start): attend
+        the positions in index (batch, kv_heads, n), then the slots from tail_start on that are filled;
+        None for a layer attended in full.
         """
         state = self.clusters(layer_idx)
         if state is None:
             return None
-        sinks = self.sinks_of(state)
-        tail = key.shape[2] - state.clustered_end
-        room = max(0, self.budget - sinks - tail)
+        sinks, tail_start = self.sinks_of(state), state.clustered_end
+        room = min(max(0, self.budget - sinks - (capacity - tail_start)), tail_start - sinks)
+        if select_kernel.available(query.device, query.shape[-1]):
+            return select_kernel.select_clusters(query, state.centroids, state.order, state.offsets, sinks, room), tail_start
         chosen = select_tokens(query, state.centroids, state.order, state.offsets, room)
-        sink_idx = torch.arange(sinks, device=key.device).expand(*chosen.shape[:-1], sinks)
-        idx = torch.cat([sink_idx, chosen], dim=-1)
-        keys = torch.cat([gather_tokens(key, idx), key[:, :, state.clustered_end :]], dim=2)
-        values = torch.cat([gather_tokens(value, idx), value[:, :, state.clustered_end :]], dim=2)
-        return attention(query, keys, values, filled + (idx.shape[-1] - state.clustered_end))
+        sink_idx = torch.arange(sinks, device=query.device).expand(*chosen.shape[:-1], sinks)
+        return torch.cat([sink_idx, chosen], dim=-1), tail_start
 
 
 def _fit_layers(comp: ClusterKV, cache, layer_ids: list[int]) -> list[LayerClusters]:

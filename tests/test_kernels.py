@@ -1,0 +1,100 @@
+"""The Triton kernels against PyTorch references.
+
+They run on a CUDA GPU, or on the CPU through Triton's interpreter:
+    TRITON_INTERPRET=1 pytest tests/test_kernels.py   (needs `pip install triton`)
+Without either they are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chunkkv_cli import decode_kernel
+
+if decode_kernel.triton is None:
+    pytest.skip("Triton is not installed", allow_module_level=True)
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from chunkkv_cli.compress.base import gather_tokens, grouped_decode_attention  # noqa: E402
+from chunkkv_cli.compress.clusterkv import kmeans_cosine, members, select_tokens  # noqa: E402
+from chunkkv_cli.select_kernel import select_clusters  # noqa: E402
+
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+
+def randn(*shape, gen):
+    return torch.randn(*shape, generator=gen).to(DEVICE, DTYPE)
+
+
+@pytest.mark.parametrize("batch,q_heads,kv_heads,capacity", [(1, 32, 8, 3300), (3, 28, 4, 700), (2, 8, 8, 64), (5, 9, 3, 2000)])
+def test_split_kv_kernel_matches_masked_reference(batch, q_heads, kv_heads, capacity):
+    gen = torch.Generator().manual_seed(1)
+    d = 128 if kv_heads != 3 else 64
+    q, k, v = randn(batch, q_heads, 1, d, gen=gen), randn(batch, kv_heads, capacity, d, gen=gen), randn(batch, kv_heads, capacity, d, gen=gen)
+    lengths = torch.randint(1, capacity + 1, (batch,), generator=gen, dtype=torch.int32).to(DEVICE)
+    lengths[0] = capacity  # one sequence uses every slot, others stop mid-block
+    mask = torch.arange(capacity, device=DEVICE)[None, :] < lengths[:, None]
+    k.masked_fill_(~mask[:, None, :, None], 100.0)  # attending an unfilled slot would swamp the result
+    expected = grouped_decode_attention(q.float(), k.float(), v.float(), 0.1, mask)
+    got = decode_kernel.decode_attention(q, k, v, lengths, 0.1)
+    assert got.shape == (batch, 1, q_heads, d)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("batch,q_heads,kv_heads,d", [(2, 8, 2, 64), (3, 9, 3, 32), (1, 4, 4, 16)])
+def test_indexed_attention_reads_the_listed_rows_then_the_filled_tail(batch, q_heads, kv_heads, d):
+    gen = torch.Generator().manual_seed(0)
+    capacity, tail_start, n_index = 300, 240, 70
+    q, k = randn(batch, q_heads, 1, d, gen=gen), randn(batch, kv_heads, capacity, d, gen=gen)
+    v = randn(batch, kv_heads, capacity, d, gen=gen)
+    index = torch.rand(batch, kv_heads, tail_start, generator=gen).argsort(-1)[..., :n_index].to(DEVICE)
+    filled = torch.tensor([capacity, tail_start + 5, tail_start][:batch], dtype=torch.int32, device=DEVICE)
+    unfilled = torch.arange(capacity, device=DEVICE)[None, :] >= filled[:, None]
+    k.masked_fill_(unfilled[:, None, :, None], 100.0)  # attending an unfilled slot would swamp the result
+    lengths = filled + (n_index - tail_start)
+    got = decode_kernel.decode_attention_indexed(q, k, v, index, lengths, tail_start, 0.2)
+    for seq in range(batch):
+        picked = [torch.cat([gather_tokens(t[seq : seq + 1], index[seq : seq + 1]),
+                             t[seq : seq + 1, :, tail_start : int(filled[seq])]], dim=2) for t in (k, v)]  # fmt: skip
+        expected = grouped_decode_attention(q[seq : seq + 1].float(), picked[0].float(), picked[1].float(), 0.2)
+        torch.testing.assert_close(got[seq : seq + 1].float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def clustered(batch, kv_heads, n, n_clusters, d, gen, sinks):
+    """Unit centroids and the CSR members of n keys, with a few clusters left empty and one large."""
+    assign = torch.randint(0, n_clusters - 3, (batch, kv_heads, n), generator=gen)
+    assign[..., : n // 3] = 0  # a cluster longer than one copy block
+    centroids = F.normalize(torch.randn(batch, kv_heads, n_clusters, d, generator=gen), dim=-1)
+    order, offsets = members(assign, n_clusters, sinks)
+    return centroids, order, offsets
+
+
+@pytest.mark.parametrize("room", [0, 1, 100, 400, 500])
+def test_cluster_selection_kernel_matches_select_tokens(room):
+    gen = torch.Generator().manual_seed(1)
+    batch, q_heads, kv_heads, d, sinks = 2, 12, 3, 32, 5
+    centroids, order, offsets = clustered(batch, kv_heads, 500, 37, d, gen, sinks)
+    query = torch.randn(batch, q_heads, 1, d, generator=gen)
+    got = select_clusters(*(t.to(DEVICE) for t in (query, centroids, order, offsets)), sinks, room).cpu()
+    assert got.shape == (batch, kv_heads, sinks + room)
+    assert got[..., :sinks].eq(torch.arange(sinks)).all()
+    assert torch.equal(got[..., sinks:], select_tokens(query, centroids, order, offsets, room))
+
+
+def test_cluster_selection_kernel_on_kmeans_clusters_of_real_shape():
+    gen = torch.Generator().manual_seed(2)
+    keys = torch.randn(1, 2, 2000, 64, generator=gen)
+    centroids, assign = kmeans_cosine(keys, 25, iterations=5)
+    order, offsets = members(assign, 25, 16)
+    query = torch.randn(1, 8, 1, 64, generator=gen)
+    got = select_clusters(*(t.to(DEVICE) for t in (query, centroids, order, offsets)), 16, 1000).cpu()
+    assert torch.equal(got[..., 16:], select_tokens(query, centroids, order, offsets, 1000))
