@@ -24,7 +24,7 @@ class ModelRunner:
     """`runner(job, settings) -> dict` for `batch.run_batch`, loading the model on its first job."""
 
     def __init__(self, load: Callable[[], object], jobs: list[Job], settings: Settings):
-        self._load, self._loaded, self._devices = load, None, []
+        self._load, self._loaded = load, None
         self._jobs, self._settings = jobs, settings
         self._key, self._prefix = None, None  # the prefix held: a CompressedPrefix, or the error it raised
         self._longest: dict | None = None
@@ -35,18 +35,13 @@ class ModelRunner:
                 loaded = self._load()
             except ChunkKVError as err:
                 raise RunnerError(str(err), err.exit_code) from err
-            self._loaded, self._devices = loaded, compute_devices(loaded.model)
+            self._loaded = loaded
         return self._loaded
 
     def __call__(self, job: Job, settings: Settings) -> dict:
         loaded = self.loaded()
         if settings.question_aware:
             return self._whole_prompt(loaded, job, settings)
-        if len(self._devices) > 1:
-            raise RunnerError(
-                f"the model is spread over {', '.join(map(str, self._devices))} and answering from "
-                "a compressed document copies every layer to the first one: use --question-aware, or one device"
-            )
         return self._from_prefix(loaded, job, settings)
 
     def _from_prefix(self, loaded, job: Job, settings: Settings) -> dict:
@@ -156,11 +151,6 @@ class ModelRunner:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def compute_devices(model) -> list:
-    """Devices holding the model's weights (weights offloaded to meta by accelerate are computed elsewhere)."""
-    return sorted({p.device for p in model.parameters() if p.device.type != "meta"}, key=str)
 
 
 def read_text(path: Path) -> str:

@@ -117,7 +117,7 @@ def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, 
     with PeakMemory(device) as decode_mem:
         synchronize(device)
         start = time.perf_counter()
-        step = make_step(model, target.cache, ids.shape[1], decode_tokens + 2, resolve_decoder(decoder, device, recall), recall)
+        step = make_step(model, target.cache, ids.shape[1], decode_tokens + 2, resolve_decoder(decoder, device, recall, target.cache), recall)
         step(pre.logits.argmax(-1))  # the first step builds (and on CUDA captures) the decoder
         synchronize(device)
         setup_seconds = time.perf_counter() - start

@@ -139,9 +139,11 @@ def store_layer(cache: DynamicCache, layer_idx: int, keys: torch.Tensor, values:
 
 
 def drop_layer(cache: DynamicCache, layer_idx: int) -> None:
+    """Empty one layer of the cache and release its memory (a zero-length view would keep the storage)."""
     layer = cache.layers[layer_idx]
-    layer.keys = layer.keys[:, :, :0]
-    layer.values = layer.values[:, :, :0]
+    b, h, _, d = layer.keys.shape
+    layer.keys = layer.keys.new_empty(b, h, 0, d)
+    layer.values = layer.values.new_empty(b, h, 0, layer.values.shape[-1])
 
 
 @contextmanager

@@ -88,13 +88,17 @@ def hf_step(model, cache, start_pos: int) -> Callable[[torch.Tensor], torch.Tens
 DECODERS = ("auto", "hf", "fast", "compiled")
 
 
-def resolve_decoder(decoder: str, device: torch.device, recall=None) -> str:
-    """`auto` is the fast decoder on a GPU and the hf one on the CPU (where fast does not win) or with offloading."""
+def resolve_decoder(decoder: str, device: torch.device, recall=None, cache=None) -> str:
+    """`auto` is the fast decoder on one GPU; the hf one on the CPU (where fast does not win), with
+    offloading, or when `cache`'s layers lie on several devices (one CUDA graph cannot span them)."""
     offloaded = recall is not None and recall.offloaded
+    devices = set() if cache is None else {layer.keys.device for layer in cache.layers if layer.keys is not None}
     if decoder == "auto":
-        return "fast" if device.type == "cuda" and not offloaded else "hf"
+        return "fast" if device.type == "cuda" and not offloaded and len(devices) <= 1 else "hf"
     if offloaded and decoder != "hf":
         raise ChunkKVError("--offload cpu copies selected tokens from host memory at every step: use --decoder hf")
+    if len(devices) > 1 and decoder != "hf":
+        raise ChunkKVError(f"--decoder {decoder} needs the whole cache on one GPU, and this model is split: use --decoder hf")
     return decoder
 
 
@@ -144,7 +148,7 @@ def decode(
     """
     device = first_logits.device
     if step is None:
-        step = make_step(model, cache, start_pos, max_new_tokens, resolve_decoder(decoder, device, recall), recall)
+        step = make_step(model, cache, start_pos, max_new_tokens, resolve_decoder(decoder, device, recall, cache), recall)
     eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
     token = pick_token(first_logits, temperature, top_p)
     finished = torch.zeros_like(token, dtype=torch.bool)

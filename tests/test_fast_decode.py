@@ -39,7 +39,8 @@ def test_static_buffers_hold_each_layers_kept_tokens_and_grow_in_place(model, pr
     lengths = [layer.keys.shape[-2] for layer in target.cache.layers]
     kept_keys = [layer.keys for layer in target.cache.layers]
     static = StaticKV(target.cache, new_tokens=5)
-    assert all(layer.keys.shape[-2] == 0 for layer in target.cache.layers), "the source cache is handed over"
+    handed_over = [t for layer in target.cache.layers for t in (layer.keys, layer.values)]
+    assert all(t.shape[-2] == 0 and t.untyped_storage().nbytes() == 0 for t in handed_over), "source memory released"
     assert static.write_pos.tolist() == lengths
     assert static.filled.tolist() == [[n, n] for n in lengths]
     first = static.keys[0]

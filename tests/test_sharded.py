@@ -103,10 +103,10 @@ def test_a_compressed_prefix_on_two_devices_answers_like_one_device():
     assert answers(split_model())[1] == answers(tiny_model())[1]
 
 
-def test_batch_refuses_compress_once_on_a_split_model_and_answers_question_aware(tmp_path):
+def test_batch_answers_on_a_split_model_from_a_compressed_document_and_question_aware(tmp_path):
     from dataclasses import replace
 
-    from chunkkv_cli.batch import RunnerError, Settings, run_batch
+    from chunkkv_cli.batch import Settings, run_batch
     from chunkkv_cli.batch_runner import ModelRunner
     from chunkkv_cli.jobs import read_jobs
     from chunkkv_cli.model import Loaded
@@ -117,25 +117,25 @@ def test_batch_refuses_compress_once_on_a_split_model_and_answers_question_aware
     jobs = read_jobs(tmp_path / "jobs.jsonl")
     loaded = Loaded(split_model(), CharTokenizer(), replace(load_profile("smollm2-135m"), max_context=600), "split")
     settings = Settings(model="tiny", ratio=0.3, window=8, max_new_tokens=4)
-    with pytest.raises(RunnerError, match="use --question-aware"):
-        run_batch(jobs, tmp_path / "out.jsonl", ModelRunner(lambda: loaded, jobs, settings), settings)
-    aware = replace(settings, question_aware=True)
-    summary = run_batch(jobs, tmp_path / "aware.jsonl", ModelRunner(lambda: loaded, jobs, aware), aware)
-    assert summary["answered"] == 1
+    for mode in (settings, replace(settings, question_aware=True)):
+        summary = run_batch(jobs, tmp_path / f"{mode.question_aware}.jsonl", ModelRunner(lambda: loaded, jobs, mode), mode)
+        assert summary["answered"] == 1, (tmp_path / f"{mode.question_aware}.jsonl").read_text()
 
 
-def test_compute_devices_ignores_offloaded_weights():
+def test_auto_decoder_is_hf_when_the_cache_spans_devices():
     from types import SimpleNamespace
 
-    from chunkkv_cli.batch_runner import compute_devices
+    from chunkkv_cli.errors import ChunkKVError
+    from chunkkv_cli.generate import resolve_decoder
 
-    def model(*devices):
-        return SimpleNamespace(parameters=lambda: [SimpleNamespace(device=torch.device(d)) for d in devices])
+    def cache(*devices):
+        return SimpleNamespace(layers=[SimpleNamespace(keys=torch.empty(0, device=d)) for d in devices])
 
-    assert compute_devices(model("cpu", "meta", "cpu")) == [torch.device("cpu")]
-    assert compute_devices(model("cuda:0", "meta")) == [torch.device("cuda:0")]
-    assert compute_devices(model("cuda:1", "cuda:0", "cuda:1")) == [torch.device("cuda:0"), torch.device("cuda:1")]
-    assert compute_devices(model("cuda:0", "cpu")) == [torch.device("cpu"), torch.device("cuda:0")]
+    gpu = torch.device("cuda")
+    assert resolve_decoder("auto", gpu, cache=cache("meta", "meta")) == "fast"
+    assert resolve_decoder("auto", gpu, cache=cache("meta", "cpu")) == "hf"
+    with pytest.raises(ChunkKVError, match="split: use --decoder hf"):
+        resolve_decoder("fast", gpu, cache=cache("meta", "cpu"))
 
 
 def test_load_model_auto_spreads_the_embedded_model_over_two_gpus():

@@ -92,6 +92,9 @@ class ClusterKV(Compressor):
         return self.budget if self.budget is not None else self.kept_tokens(prompt_len)
 
 
+RESEEDS = 64
+
+
 def kmeans_cosine(keys: torch.Tensor, n_clusters: int, iterations: int = 20, generator=None):
     """Spherical k-means, batched over the leading dims.
 
@@ -121,9 +124,10 @@ def kmeans_cosine(keys: torch.Tensor, n_clusters: int, iterations: int = 20, gen
         sums = torch.zeros_like(centroids).scatter_add_(2, assign[..., None].expand(-1, -1, -1, d), x)
         counts = torch.zeros(b, h, n_clusters, device=x.device).scatter_add_(2, assign, torch.ones_like(best))
         empty = counts == 0
-        # The k-th empty cluster takes the k-th worst-served token.
-        worst = best.topk(n_clusters, dim=-1, largest=False).indices
-        rank = (empty.long().cumsum(-1) - 1).clamp(min=0)
+        # The k-th empty cluster takes the k-th worst-served token (past RESEEDS per iteration they share
+        # one, and split again later): a full top-n_clusters would cost more than the rest of the iteration.
+        worst = best.topk(min(n_clusters, RESEEDS), dim=-1, largest=False).indices
+        rank = (empty.long().cumsum(-1) - 1).clamp(0, worst.shape[-1] - 1)
         reseed = x.gather(2, worst.gather(2, rank)[..., None].expand(-1, -1, -1, d))
         centroids = torch.where(empty[..., None], reseed, F.normalize(sums, dim=-1))
         if step < iterations // 2:
