@@ -26,7 +26,7 @@ else:
 
 from chunkkv_cli.compress.base import gather_tokens, grouped_decode_attention  # noqa: E402
 from chunkkv_cli.compress.clusterkv import kmeans_cosine, members, select_tokens  # noqa: E402
-from chunkkv_cli.select_kernel import select_clusters  # noqa: E402
+from chunkkv_cli.cluster_kernels import select_clusters  # noqa: E402
 
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
@@ -98,3 +98,36 @@ def test_cluster_selection_kernel_on_kmeans_clusters_of_real_shape():
     query = torch.randn(1, 8, 1, 64, generator=gen)
     got = select_clusters(*(t.to(DEVICE) for t in (query, centroids, order, offsets)), 16, 1000).cpu()
     assert torch.equal(got[..., 16:], select_tokens(query, centroids, order, offsets, 1000))
+
+
+@pytest.mark.parametrize("n,n_clusters", [(1000, 37), (129, 130), (64, 1)])
+def test_nearest_centroid_kernel_finds_the_most_similar_centroid(n, n_clusters):
+    from chunkkv_cli.cluster_kernels import _nearest
+
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 3, n, 64, generator=gen) * 5
+    centroids = F.normalize(torch.randn(2, 3, n_clusters, 64, generator=gen), dim=-1)
+    best, index = (t.cpu() for t in _nearest(keys.to(DEVICE, DTYPE), centroids.to(DEVICE, DTYPE)))
+    cosine = F.normalize(keys, dim=-1) @ centroids.transpose(-1, -2)
+    assert index.dtype == torch.long and index.shape == (2, 3, n)
+    tol = 1e-5 if DTYPE == torch.float32 else 2e-2
+    torch.testing.assert_close(best, cosine.amax(-1), rtol=tol, atol=tol)
+    torch.testing.assert_close(cosine.gather(-1, index[..., None]).squeeze(-1), cosine.amax(-1), rtol=tol, atol=tol)
+    if DTYPE == torch.float32:
+        assert torch.equal(index, cosine.argmax(-1))
+
+
+def test_kmeans_through_the_kernel_matches_kmeans_in_torch(monkeypatch):
+    from chunkkv_cli import cluster_kernels
+
+    gen = torch.Generator().manual_seed(4)
+    keys = torch.randn(1, 2, 600, 32, generator=gen).to(DEVICE, DTYPE)
+    monkeypatch.setattr(cluster_kernels, "available", lambda device, head_dim: False)
+    reference = kmeans_cosine(keys, 12, iterations=6)
+    monkeypatch.setattr(cluster_kernels, "available", lambda device, head_dim: True)
+    centroids, assign = kmeans_cosine(keys, 12, iterations=6)
+    if DTYPE == torch.float32:
+        assert torch.equal(assign, reference[1])
+        torch.testing.assert_close(centroids, reference[0])
+    else:  # the kernel keeps fp32 products where PyTorch rounds them to bf16: a few near-ties flip
+        assert (assign == reference[1]).float().mean() > 0.9

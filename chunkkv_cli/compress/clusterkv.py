@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from chunkkv_cli import select_kernel
+from chunkkv_cli import cluster_kernels
 from chunkkv_cli.compress.base import Compressor, gather_tokens, grouped_decode_attention, group_queries
 from chunkkv_cli.errors import ChunkKVError
 
@@ -119,8 +119,7 @@ def kmeans_cosine(keys: torch.Tensor, n_clusters: int, iterations: int = 20, gen
         start = noise.argsort(dim=-1)[..., :n_clusters]
     centroids = x.gather(2, start[..., None].expand(-1, -1, -1, d))
     for step in range(iterations):
-        best, assign = (low @ centroids.to(low.dtype).transpose(-1, -2)).max(dim=-1)
-        best = best.float()
+        best, assign = cluster_kernels.nearest_centroids(low, centroids)
         sums = torch.zeros_like(centroids).scatter_add_(2, assign[..., None].expand(-1, -1, -1, d), x)
         counts = torch.zeros(b, h, n_clusters, device=x.device).scatter_add_(2, assign, torch.ones_like(best))
         empty = counts == 0
@@ -132,7 +131,7 @@ def kmeans_cosine(keys: torch.Tensor, n_clusters: int, iterations: int = 20, gen
         centroids = torch.where(empty[..., None], reseed, F.normalize(sums, dim=-1))
         if step < iterations // 2:
             centroids = split_merge(centroids, x, best)
-    return centroids, nearest_centroid(keys, centroids)
+    return centroids, cluster_kernels.nearest_centroids(keys, centroids)[1]
 
 
 def split_merge(centroids: torch.Tensor, x: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
@@ -329,8 +328,8 @@ class ClusterState:
             return None
         sinks, tail_start = self.sinks_of(state), state.clustered_end
         room = min(max(0, self.budget - sinks - (capacity - tail_start)), tail_start - sinks)
-        if select_kernel.available(query.device, query.shape[-1]):
-            return select_kernel.select_clusters(query, state.centroids, state.order, state.offsets, sinks, room), tail_start
+        if cluster_kernels.available(query.device, query.shape[-1]):
+            return cluster_kernels.select_clusters(query, state.centroids, state.order, state.offsets, sinks, room), tail_start
         chosen = select_tokens(query, state.centroids, state.order, state.offsets, room)
         sink_idx = torch.arange(sinks, device=query.device).expand(*chosen.shape[:-1], sinks)
         return torch.cat([sink_idx, chosen], dim=-1), tail_start
@@ -356,16 +355,10 @@ def _fit_layers(comp: ClusterKV, cache, layer_ids: list[int]) -> list[LayerClust
     sample = torch.cat([k.index_select(2, picks) for k in keys], dim=0)  # (layers * b, h, n_fit, d)
     centroids, _ = kmeans_cosine(sample, n_clusters, comp.iterations)
     for state, key, fitted in zip(states, keys, centroids.split(b, dim=0)):
-        assign = nearest_centroid(key[:, :, sinks:], fitted)
+        assign = cluster_kernels.nearest_centroids(key[:, :, sinks:], fitted)[1]
         order, offsets = members(assign, n_clusters, sinks)
         state.centroids, state.order, state.offsets, state.clustered_end = fitted, order, offsets, n
     return states
-
-
-def nearest_centroid(keys: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of each key's most similar unit centroid (cosine), in the keys' precision: (batch, kv_heads, n)."""
-    unit = F.normalize(keys.float(), dim=-1).to(keys.dtype)
-    return (unit @ centroids.to(keys.dtype).transpose(-1, -2)).argmax(dim=-1)
 
 
 _active: ClusterState | None = None
