@@ -13,12 +13,26 @@ import json
 import time
 
 import torch
+from profile_decode import cuda_ms
 
 from chunkkv_cli.compress import make_compressor
-from chunkkv_cli.compress.clusterkv import ClusterState
+from chunkkv_cli.cluster_kernels import select_clusters
+from chunkkv_cli.compress.clusterkv import ClusterState, select_tokens
 from chunkkv_cli.generate import new_target, prefill
 from chunkkv_cli.model import build_random_model
 from chunkkv_cli.profiles import load_profile
+
+
+def selection_ms(state: ClusterState, batch: int) -> dict:
+    """One layer's per-step selection at a 1k budget: the Triton kernels vs the PyTorch ops, replayed from a graph."""
+    layer = state.layers[-1]
+    query = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    sinks, room = 16, 1024 - 16 - 128
+    args = (query, layer.centroids, layer.order, layer.offsets)
+    return {
+        "select_triton_ms": cuda_ms(lambda: select_clusters(*args, sinks, room)),
+        "select_torch_ms": cuda_ms(lambda: select_tokens(*args, room)),
+    }
 
 
 def main() -> None:
@@ -42,10 +56,10 @@ def main() -> None:
     ClusterState.build(compressor, target.cache)  # warm-up
     seconds = [ClusterState.build(compressor, target.cache).seconds for _ in range(args.repeats)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        ClusterState.build(compressor, target.cache)
+        state = ClusterState.build(compressor, target.cache)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20), flush=True)
     report = {"seq": args.seq, "batch": args.batch, "prefill_s": prefill_s, "build_s": seconds,
-              "share_of_prefill": min(seconds) / (prefill_s * args.batch)}  # fmt: skip
+              "share_of_prefill": min(seconds) / (prefill_s * args.batch), **selection_ms(state, args.batch)}  # fmt: skip
     print(report)
     if args.out:
         with open(args.out, "w") as fh:

@@ -22,8 +22,9 @@ if triton is not None:
 
 __all__ = ["available", "nearest_centroids", "select_clusters"]
 
-BLOCK_C = 32  # centroids per tile
-BLOCK_M = 64  # output slots per tile
+BLOCK_C = 32  # centroids per tile in nearest_centroids
+RANK_BLOCK_C = 128  # centroids scored per tile when ranking
+BLOCK_M = 64  # output slots per program
 BLOCK_N = 128  # keys per program in nearest_centroids
 
 
@@ -67,23 +68,29 @@ def select_clusters(
     query (b, q_heads, 1, d); centroids (b, kv_heads, C, d); order/offsets: the clusters' members in
     CSR form (see `clusterkv.members`), which must hold at least `room` tokens. Returns int64
     (b, kv_heads, sinks + room), the same positions as `clusterkv.select_tokens` after the sinks.
+    Two kernels: one program per (sequence, KV head) ranks the clusters; then many per head fill the slots.
     """
     b, q_heads, _, d = query.shape
     kv_heads, n_clusters = centroids.shape[1], centroids.shape[2]
-    group = q_heads // kv_heads
-    out = torch.empty(b, kv_heads, sinks + room, dtype=torch.long, device=query.device)
     c_pad = triton.next_power_of_2(n_clusters)
     if c_pad > 1 << 16:
         raise ValueError(f"select_clusters takes up to 65536 clusters, got {n_clusters}")
-    scores = torch.empty(b * kv_heads, c_pad, dtype=torch.float32, device=query.device)
+    out = torch.empty(b, kv_heads, sinks + room, dtype=torch.long, device=query.device)
+    ends = torch.empty(b * kv_heads, c_pad, dtype=torch.int32, device=query.device)
     shift = torch.empty(b * kv_heads, c_pad, dtype=torch.long, device=query.device)
-    _select_kernel[(b * kv_heads,)](
-        query, centroids, order, offsets, scores, shift, out,
-        query.stride(0), query.stride(1), *centroids.stride()[:3], *order.stride()[:2], *offsets.stride()[:2],
-        *out.stride()[:2], n_clusters, sinks, room,
+    group = q_heads // kv_heads
+    _rank_kernel[(b * kv_heads,)](
+        query, centroids, offsets, ends, shift, out,
+        query.stride(0), query.stride(1), *centroids.stride()[:3], *offsets.stride()[:2], *out.stride()[:2],
+        n_clusters, sinks,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, C_PAD=c_pad,
-        BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, num_warps=8,
+        BLOCK_C=RANK_BLOCK_C, BLOCK_M=BLOCK_M, num_warps=8,
     )  # fmt: skip
+    if room:
+        _fill_kernel[(b * kv_heads, triton.cdiv(room, BLOCK_M))](
+            order, ends, shift, out, *order.stride()[:2], *out.stride()[:2], sinks, room,
+            KV_HEADS=kv_heads, C_PAD=c_pad, BLOCK_M=BLOCK_M,
+        )  # fmt: skip
     return out
 
 
@@ -125,13 +132,15 @@ if triton is not None:
         return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
 
     @triton.jit
-    def _select_kernel(
-        Q, CENTROIDS, ORDER, OFFSETS, SCORES, SHIFT, OUT,
-        stride_qb, stride_qh, stride_cb, stride_ch, stride_cc, stride_ob, stride_oh, stride_fb, stride_fh,
-        stride_outb, stride_outh, n_clusters, sinks, room,
+    def _rank_kernel(
+        Q, CENTROIDS, OFFSETS, ENDS, SHIFT, OUT,
+        stride_qb, stride_qh, stride_cb, stride_ch, stride_cc, stride_fb, stride_fh, stride_outb, stride_outh,
+        n_clusters, sinks,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
         C_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     ):  # fmt: skip
+        """Score the clusters against the summed group query, rank them best first (ties: lower index
+        first), and lay their members end to end: ranked cluster r fills slots [ends[r] - size, ends[r])."""
         pid = tl.program_id(0)
         b = pid // KV_HEADS
         h = pid % KV_HEADS
@@ -142,37 +151,45 @@ if triton is not None:
             mask=heads[:, None] < GROUP, other=0.0,
         )  # fmt: skip
         q = tl.sum(q.to(tl.float32), 0)
-        scores_at = SCORES + pid * C_PAD
+        ends_at = ENDS + pid * C_PAD
+        shift_at = SHIFT + pid * C_PAD
+        scores_at = (shift_at).to(tl.pointer_type(tl.float32))  # scratch: SHIFT is written only after the sort
         centroids = CENTROIDS + b * stride_cb + h * stride_ch
         for c0 in range(0, n_clusters, BLOCK_C):
             rows = c0 + tl.arange(0, BLOCK_C)
             c = tl.load(centroids + rows[:, None] * stride_cc + dims[None, :], mask=rows[:, None] < n_clusters, other=0.0)
             tl.store(scores_at + rows, tl.sum(c.to(tl.float32) * q[None, :], 1), mask=rows < n_clusters)
         tl.debug_barrier()  # the scores were written by other threads than the ones reading them back
-
-        # Rank the clusters, best first (ties: lower index first), and lay their members end to end:
-        # ranked cluster r fills output slots [ends[r] - sizes[r], ends[r]).
-        offsets = OFFSETS + b * stride_fb + h * stride_fh
         ids = tl.arange(0, C_PAD)
         scores = tl.load(scores_at + ids, mask=ids < n_clusters, other=float("-inf"))
+        tl.debug_barrier()
         packed = (_orderable(scores) << 16) | (C_PAD - 1 - ids).to(tl.int64)
         ranked = (C_PAD - 1 - (tl.sort(packed, descending=True) & (C_PAD - 1))).to(tl.int32)
         real = ranked < n_clusters
+        offsets = OFFSETS + b * stride_fb + h * stride_fh
         starts = tl.load(offsets + ranked, mask=real, other=0)
         sizes = tl.load(offsets + ranked + 1, mask=real, other=0) - starts
         ends = tl.cumsum(sizes, 0)
-        shift_at = SHIFT + pid * C_PAD
-        tl.store(shift_at + ids, starts - (ends - sizes))  # slot j of cluster r reads order[shift[r] + j]
-        tl.debug_barrier()
-
+        tl.store(ends_at + ids, ends.to(tl.int32))
+        tl.store(shift_at + ids, starts - (ends - sizes))  # slot j of ranked cluster r reads order[shift[r] + j]
         out = OUT + b * stride_outb + h * stride_outh
         for s0 in range(0, sinks, BLOCK_M):
             slots = s0 + tl.arange(0, BLOCK_M)
             tl.store(out + slots, slots.to(tl.int64), mask=slots < sinks)
-        order = ORDER + b * stride_ob + h * stride_oh
-        for s0 in range(0, room, BLOCK_M):
-            slots = s0 + tl.arange(0, BLOCK_M)
-            rank = tl.sum((ends[None, :] <= slots[:, None]).to(tl.int32), 1)  # searchsorted(ends, slots, right=True)
-            used = slots < room
-            source = tl.load(shift_at + rank, mask=used, other=0) + slots
-            tl.store(out + sinks + slots, tl.load(order + source, mask=used), mask=used)
+
+    @triton.jit
+    def _fill_kernel(
+        ORDER, ENDS, SHIFT, OUT, stride_ob, stride_oh, stride_outb, stride_outh, sinks, room,
+        KV_HEADS: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        """BLOCK_M output slots of one (sequence, KV head): each finds its cluster by the ranked ends."""
+        pid = tl.program_id(0)
+        b = pid // KV_HEADS
+        h = pid % KV_HEADS
+        slots = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        used = slots < room
+        ends = tl.load(ENDS + pid * C_PAD + tl.arange(0, C_PAD))
+        rank = tl.sum((ends[None, :] <= slots[:, None]).to(tl.int32), 1)  # searchsorted(ends, slots, right=True)
+        source = tl.load(SHIFT + pid * C_PAD + rank, mask=used, other=0) + slots
+        members = tl.load(ORDER + b * stride_ob + h * stride_oh + source, mask=used)
+        tl.store(OUT + b * stride_outb + h * stride_outh + sinks + slots, members, mask=used)
