@@ -16,6 +16,7 @@ import torch
 from profile_decode import cuda_ms
 
 from chunkkv_cli.compress import make_compressor
+from chunkkv_cli import cluster_kernels
 from chunkkv_cli.cluster_kernels import select_clusters
 from chunkkv_cli.compress.clusterkv import ClusterState, select_tokens
 from chunkkv_cli.generate import new_target, prefill
@@ -29,10 +30,13 @@ def selection_ms(state: ClusterState, batch: int) -> dict:
     query = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     sinks, room = 16, 1024 - 16 - 128
     args = (query, layer.centroids, layer.order, layer.offsets)
-    return {
-        "select_triton_ms": cuda_ms(lambda: select_clusters(*args, sinks, room)),
-        "select_torch_ms": cuda_ms(lambda: select_tokens(*args, room)),
-    }
+    times = {"select_torch_ms": cuda_ms(lambda: select_tokens(*args, room))}
+    default = cluster_kernels.RANK_WARPS
+    for warps in (4, 8, 16):
+        cluster_kernels.RANK_WARPS = warps
+        times[f"select_triton_{warps}warps_ms"] = cuda_ms(lambda: select_clusters(*args, sinks, room))
+    cluster_kernels.RANK_WARPS = default
+    return times
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ __all__ = ["available", "nearest_centroids", "select_clusters"]
 
 BLOCK_C = 32  # centroids per tile in nearest_centroids
 RANK_BLOCK_C = 128  # centroids scored per tile when ranking
+RANK_WARPS = 8
 BLOCK_M = 64  # output slots per program
 BLOCK_N = 128  # keys per program in nearest_centroids
 
@@ -84,7 +85,7 @@ def select_clusters(
         query.stride(0), query.stride(1), *centroids.stride()[:3], *offsets.stride()[:2], *out.stride()[:2],
         n_clusters, sinks,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, C_PAD=c_pad,
-        BLOCK_C=RANK_BLOCK_C, BLOCK_M=BLOCK_M, num_warps=8,
+        BLOCK_C=RANK_BLOCK_C, BLOCK_M=BLOCK_M, num_warps=RANK_WARPS,
     )  # fmt: skip
     if room:
         _fill_kernel[(b * kv_heads, triton.cdiv(room, BLOCK_M))](
