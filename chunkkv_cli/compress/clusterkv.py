@@ -281,13 +281,19 @@ class ClusterState:
         if kv_len - state.clustered_end > comp.recluster_every:
             end = state.clustered_end + comp.recluster_every
             state.append(key[:, :, state.clustered_end : end], comp.new_clusters, comp.iterations)
-        sinks = self.sinks_of(state)
-        room = max(0, self.budget - sinks - (kv_len - state.clustered_end))
+        room = max(0, self.budget - self.sinks_of(state) - (kv_len - state.clustered_end))
+        head = self.sinks_and_chosen(state, query, room)
+        recent = torch.arange(state.clustered_end, kv_len, device=key.device).expand(*head.shape[:-1], -1)
+        return torch.cat([head, recent], dim=-1)
+
+    def sinks_and_chosen(self, state: "LayerClusters", query: torch.Tensor, room: int) -> torch.Tensor:
+        """The sink positions, then up to `room` members of the clusters best matching the query."""
+        sinks, room = self.sinks_of(state), min(room, state.order.shape[-1])
+        if cluster_kernels.available(query.device, query.shape[-1]):
+            return cluster_kernels.select_clusters(query, state.centroids, state.order, state.offsets, sinks, room)
         chosen = select_tokens(query, state.centroids, state.order, state.offsets, room)
-        lead = chosen.shape[:-1]
-        sink_idx = torch.arange(sinks, device=key.device).expand(*lead, sinks)
-        recent = torch.arange(state.clustered_end, kv_len, device=key.device).expand(*lead, kv_len - state.clustered_end)
-        return torch.cat([sink_idx, chosen, recent], dim=-1)
+        sink_idx = torch.arange(sinks, device=query.device).expand(*chosen.shape[:-1], sinks)
+        return torch.cat([sink_idx, chosen], dim=-1)
 
     def attend(self, layer_idx: int, query, key, value, scaling: float):
         """Exact softmax over the selected tokens; None means full attention for this layer.
@@ -326,13 +332,9 @@ class ClusterState:
         state = self.clusters(layer_idx)
         if state is None:
             return None
-        sinks, tail_start = self.sinks_of(state), state.clustered_end
-        room = min(max(0, self.budget - sinks - (capacity - tail_start)), tail_start - sinks)
-        if cluster_kernels.available(query.device, query.shape[-1]):
-            return cluster_kernels.select_clusters(query, state.centroids, state.order, state.offsets, sinks, room), tail_start
-        chosen = select_tokens(query, state.centroids, state.order, state.offsets, room)
-        sink_idx = torch.arange(sinks, device=query.device).expand(*chosen.shape[:-1], sinks)
-        return torch.cat([sink_idx, chosen], dim=-1), tail_start
+        tail_start = state.clustered_end
+        room = max(0, self.budget - self.sinks_of(state) - (capacity - tail_start))
+        return self.sinks_and_chosen(state, query, room), tail_start
 
 
 def _fit_layers(comp: ClusterKV, cache, layer_ids: list[int]) -> list[LayerClusters]:
