@@ -20,6 +20,8 @@ from chunkkv_cli.decode_kernel import available, triton
 if triton is not None:
     import triton.language as tl
 
+    from chunkkv_cli.decode_kernel import load_group_query
+
 __all__ = ["available", "nearest_centroids", "select_clusters"]
 
 BLOCK_C = 32  # centroids per tile in nearest_centroids
@@ -146,12 +148,7 @@ if triton is not None:
         b = pid // KV_HEADS
         h = pid % KV_HEADS
         dims = tl.arange(0, D)
-        heads = tl.arange(0, GROUP_PAD)
-        q = tl.load(
-            Q + b * stride_qb + (h * GROUP + heads)[:, None] * stride_qh + dims[None, :],
-            mask=heads[:, None] < GROUP, other=0.0,
-        )  # fmt: skip
-        q = tl.sum(q.to(tl.float32), 0)
+        q = tl.sum(load_group_query(Q + b * stride_qb, h, stride_qh, GROUP, GROUP_PAD, D).to(tl.float32), 0)
         ends_at = ENDS + pid * C_PAD
         shift_at = SHIFT + pid * C_PAD
         scores_at = (shift_at).to(tl.pointer_type(tl.float32))  # scratch: SHIFT is written only after the sort

@@ -107,6 +107,15 @@ def _launch(query, key, value, lengths, scaling: float, index: torch.Tensor | No
 if triton is not None:
 
     @triton.jit
+    def load_group_query(q_seq, kv_head, stride_qh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr):
+        """The query heads reading one KV head, as the rows of a (GROUP_PAD, D) tile (padding rows zero)."""
+        rows = tl.arange(0, GROUP_PAD)
+        return tl.load(
+            q_seq + (kv_head * GROUP + rows)[:, None] * stride_qh + tl.arange(0, D)[None, :],
+            mask=rows[:, None] < GROUP, other=0.0,
+        )
+
+    @triton.jit
     def _split_attention(
         Q, K, V, LENGTHS, INDEX, PARTIAL, STATS,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ib, stride_ih,
@@ -120,10 +129,7 @@ if triton is not None:
         h = seq_head % KV_HEADS
         rows = tl.arange(0, GROUP_PAD)
         dims = tl.arange(0, D)
-        q = tl.load(
-            Q + b * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + dims[None, :],
-            mask=rows[:, None] < GROUP, other=0.0,
-        )
+        q = load_group_query(Q + b * stride_qb, h, stride_qh, GROUP, GROUP_PAD, D)
         length = tl.load(LENGTHS + b)
         start = split * CHUNK
         end = tl.minimum(start + CHUNK, length)
