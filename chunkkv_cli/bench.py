@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from chunkkv_cli.compress import METHODS, make_compressor
-from chunkkv_cli.generate import cache_bytes, decode, make_step, new_target, prefill, resolve_decoder, synchronize
+from chunkkv_cli.generate import cache_bytes, decode, make_step, new_target, prefill, synchronize
 from chunkkv_cli.pipeline import recall_state
 
 
@@ -117,7 +117,7 @@ def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, 
     with PeakMemory(device) as decode_mem:
         synchronize(device)
         start = time.perf_counter()
-        step = make_step(model, target.cache, ids.shape[1], decode_tokens + 2, resolve_decoder(decoder, device, recall, target.cache), recall)
+        step = make_step(model, target.cache, ids.shape[1], decode_tokens + 2, decoder, recall)
         step(pre.logits.argmax(-1))  # the first step builds (and on CUDA captures) the decoder
         synchronize(device)
         setup_seconds = time.perf_counter() - start

@@ -103,7 +103,13 @@ def resolve_decoder(decoder: str, device: torch.device, recall=None, cache=None)
 
 
 def make_step(model, cache, start_pos: int, max_new_tokens: int, decoder: str = "hf", recall=None):
-    """`step(token) -> logits`; `recall` (a ClusterState) makes every step attend to selected clusters only."""
+    """`step(token) -> logits`; `recall` (a ClusterState) makes every step attend to selected clusters only.
+
+    `decoder` goes through `resolve_decoder` here, where the cache is known, so every caller gets the
+    same choice for `auto` and the same refusals (offloaded clusters, a cache split over devices).
+    """
+    device = next(layer.keys.device for layer in cache.layers if layer.keys is not None)
+    decoder = resolve_decoder(decoder, device, recall, cache)
     if decoder in ("fast", "compiled"):
         from chunkkv_cli.fast_decode import FastDecoder
 
@@ -148,7 +154,7 @@ def decode(
     """
     device = first_logits.device
     if step is None:
-        step = make_step(model, cache, start_pos, max_new_tokens, resolve_decoder(decoder, device, recall, cache), recall)
+        step = make_step(model, cache, start_pos, max_new_tokens, decoder, recall)
     eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
     token = pick_token(first_logits, temperature, top_p)
     finished = torch.zeros_like(token, dtype=torch.bool)
