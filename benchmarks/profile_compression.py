@@ -8,23 +8,19 @@ from __future__ import annotations
 import argparse
 
 import torch
+from profile_decode import events_ms
 
 from chunkkv_cli.compress import make_compressor
 from chunkkv_cli.compress.base import gather_tokens, window_scores
 from chunkkv_cli.compress.chunkkv import keep_top_chunks
 
 
-def cuda_ms(fn, iters=20):
+def eager_ms(fn, iters=20):
+    """Milliseconds per eager call (launches included), after three warm-up calls."""
     for _ in range(3):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return events_ms(fn, iters)
 
 
 def main() -> None:
@@ -46,7 +42,7 @@ def main() -> None:
         "select (all scoring)": lambda: comp.select(q, k, 0, 32, 0.088),
     }
     for name, fn in parts.items():
-        print(f"{name:22s} {cuda_ms(fn):.3f} ms")
+        print(f"{name:22s} {eager_ms(fn):.3f} ms")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             comp.select(q, k, 0, 32, 0.088)
