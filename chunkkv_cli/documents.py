@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -114,8 +115,6 @@ def fit_prefix_to_context(tokenizer, document: str, limit: int, truncate: bool) 
 
 def read_questions(path: str) -> list[str]:
     """Questions from a file: one per line, or JSONL objects with a `question` field (blank lines skipped)."""
-    import json
-
     if path != "-" and not Path(path).is_file():
         raise ChunkKVError(f"questions file not found: {path}")
     lines = [(n, line.strip()) for n, line in enumerate(read_document(path).splitlines(), start=1) if line.strip()]
@@ -123,12 +122,17 @@ def read_questions(path: str) -> list[str]:
         return [line for _, line in lines]
     questions = []
     for line_no, line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ChunkKVError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
+        record = json_line(line, f"{path}:{line_no}")
         question = record.get("question") if isinstance(record, dict) else None
         if not isinstance(question, str) or not question.strip():
             raise ChunkKVError(f"{path}:{line_no}: expected a JSON object with a non-empty 'question' string")
         questions.append(question.strip())
     return questions
+
+
+def json_line(line: str, where: str):
+    """One line of a JSONL file, decoded; `where` (path:line) names it in the error."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ChunkKVError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chunkkv_cli.documents import json_line
 from chunkkv_cli.errors import ChunkKVError
 
 # Methods that evict at prefill, so a document compressed once serves all its questions (not clusterkv).
@@ -76,10 +77,7 @@ def read_jobs(path: str | Path) -> list[Job]:
 def parse_job(line: str, line_no: int, source: Path) -> Job:
     """One line of a jobs file as a Job (see the module docstring for the schema)."""
     where = f"{source}:{line_no}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ChunkKVError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    record = json_line(line, where)
     if not isinstance(record, dict):
         raise ChunkKVError(f"{where}: expected a JSON object with 'document' and 'question'")
     unknown = sorted(set(record) - set(KEYS))

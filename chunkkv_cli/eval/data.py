@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from chunkkv_cli.documents import json_line
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.eval.scoring import gsm8k_number
 
@@ -55,10 +55,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         for line_no, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ChunkKVError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
+            record = json_line(line, f"{path}:{line_no}")
             if not isinstance(record, dict):
                 raise ChunkKVError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             yield line_no, record
