@@ -83,12 +83,12 @@ class ModelRunner:
         return prefix, True
 
     def _compress(self, loaded, job: Job, settings: Settings, key):
-        from chunkkv_cli.compress import make_compressor
+        from chunkkv_cli.compress import compressor_for
         from chunkkv_cli.documents import fit_prefix_to_context
         from chunkkv_cli.reuse import compress_prefix
 
         text = read_text(job.path)
-        compressor = make_compressor(
+        compressor = compressor_for(
             settings.method, ratio=settings.ratio, budget=settings.budget, window=settings.window,
             chunk_size=settings.chunk_size,
         )  # fmt: skip
@@ -122,12 +122,12 @@ class ModelRunner:
         return self._longest.get(key, 0)
 
     def _whole_prompt(self, loaded, job: Job, settings: Settings) -> dict:
-        from chunkkv_cli.compress import make_compressor
+        from chunkkv_cli.compress import compressor_for
         from chunkkv_cli.documents import fit_to_context
         from chunkkv_cli.pipeline import answer
 
         text = read_text(job.path)
-        compressor = make_compressor(
+        compressor = compressor_for(
             settings.method, ratio=settings.ratio, budget=settings.budget, window=settings.window,
             chunk_size=settings.chunk_size,
         )  # fmt: skip

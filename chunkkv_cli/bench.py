@@ -12,9 +12,10 @@ from typing import Callable
 
 import torch
 
-from chunkkv_cli.compress import METHODS, make_compressor
+from chunkkv_cli.compress import METHODS, compressor_for
 from chunkkv_cli.generate import cache_bytes, decode, make_step, new_target, prefill, synchronize
 from chunkkv_cli.pipeline import recall_state
+from chunkkv_cli.registry import REFERENCE
 
 
 @dataclass(frozen=True)
@@ -29,19 +30,19 @@ class Case:
 
     @property
     def label(self) -> str:
-        reuse = f", reuse {self.reuse_layers}" if self.method != "fullkv" else ""
+        reuse = f", reuse {self.reuse_layers}" if self.method != REFERENCE else ""
         return f"{self.method}{reuse} ({self.decoder})"
 
 
 def plan_cases(method: str, seqs: list[int], reuse: list[int], batches: list, decoders=("hf",)) -> list[Case]:
     """For every length, batch and decoder: the fullkv baseline, the no-reuse row, then each reuse row."""
-    reuse_rows = [1] + sorted({r for r in reuse if r != 1}) if METHODS[method].compresses else [1]
+    reuse_rows = [1] + sorted({r for r in reuse if r != 1}) if METHODS[method].caps.evicts else [1]
     cases = []
     for seq in seqs:
         for batch in batches:
             for decoder in decoders:
-                cases.append(Case("fullkv", 1, batch, seq, decoder))
-                if method != "fullkv":
+                cases.append(Case(REFERENCE, 1, batch, seq, decoder))
+                if method != REFERENCE:
                     cases += [Case(method, r, batch, seq, decoder) for r in reuse_rows]
     return cases
 
@@ -164,7 +165,7 @@ def median_of(runs: list[dict]) -> dict:
 
 def measure_case(model, case: Case, decode_tokens: int, repeats: int, replicate: int = 1, **compressor_args) -> dict:
     """Median over `repeats` runs after one warm-up run; `compressor_args` go to `make_compressor`."""
-    compressor = make_compressor(case.method, **compressor_args)
+    compressor = compressor_for(case.method, **compressor_args)
     batch = 1 if replicate > 1 else case.batch
     ids = random_prompt(model, batch, case.seq)
     measure_once(model, ids, compressor, case.reuse_layers, decode_tokens, replicate, case.decoder)
@@ -217,7 +218,7 @@ def find_max_batch(model, case: Case, compressor_args: dict, steps: int, limit: 
 
     One sequence is prefilled (and compressed); its cache is replicated for each candidate batch.
     """
-    compressor = make_compressor(case.method, **compressor_args)
+    compressor = compressor_for(case.method, **compressor_args)
     target = new_target(model, compressor, case.reuse_layers)
     pre = prefill(model, random_prompt(model, 1, case.seq), [target])
     try:
@@ -256,12 +257,12 @@ def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         group = [r for r in rows if r["seq"] == row["seq"] and r["batch_kind"] == row["batch_kind"]]
         same = [r for r in group if r.get("decoder", "hf") == row.get("decoder", "hf")]
-        full = next((r for r in same if r["method"] == "fullkv"), None)
+        full = next((r for r in same if r["method"] == REFERENCE), None)
         no_reuse = next((r for r in same if r["method"] == row["method"] and r["reuse_layers"] == 1), None)
         hf_twin = next((r for r in group if r.get("decoder", "hf") == "hf" and r["method"] == row["method"]
                         and r["reuse_layers"] == row["reuse_layers"]), None)
         row["vs_fullkv"] = _ratios(row, full)
-        row["vs_no_reuse"] = _ratios(row, no_reuse) if row["method"] != "fullkv" else None
+        row["vs_no_reuse"] = _ratios(row, no_reuse) if row["method"] != REFERENCE else None
         row["vs_hf_decoder"] = _ratios(row, hf_twin) if row.get("decoder", "hf") != "hf" else None
 
 
@@ -350,8 +351,8 @@ def plot_report(report: dict, path) -> None:
     ]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for seq in sorted({r["seq"] for r in rows}):
-        method_rows = sorted((r for r in rows if r["seq"] == seq and r["method"] != "fullkv"), key=lambda r: r["reuse_layers"])
-        full = next((r for r in rows if r["seq"] == seq and r["method"] == "fullkv"), None)
+        method_rows = sorted((r for r in rows if r["seq"] == seq and r["method"] != REFERENCE), key=lambda r: r["reuse_layers"])
+        full = next((r for r in rows if r["seq"] == seq and r["method"] == REFERENCE), None)
         reuse = [r["reuse_layers"] for r in method_rows]
         color = None
         for ax, (key, scale, title) in zip(axes, panels):

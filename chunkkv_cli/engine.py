@@ -1,30 +1,29 @@
-"""Compression inside the attention path: each layer's KV is pruned right after that layer's prefill attention.
+"""The attention path: one function registered with transformers, steered per forward by a route.
 
-Models are loaded with ``attn_implementation=ATTENTION_NAME``. The registered function runs SDPA as
-usual; while a `CompressionSession` is active and a layer sees a fresh prompt (as many queries as
-keys), it asks each target's compressor which tokens to keep and stores only those in the target's
-cache. Hidden states passed on are the uncompressed model's, and at most one layer's full KV exists
-at a time besides the compressed caches.
+Models are loaded with ``attn_implementation=ATTENTION_NAME``. Every forward that chunkkv runs goes
+through `forward`, which hands the attention function one route object (a keyword argument that
+transformers passes down to attention unchanged). A route may answer the attention itself (the fast
+decoder's static buffers, ClusterKV's selected clusters, a scoring pass) and may act after it (prefill
+compression). With no route the function is SDPA with a causal mask of its own. Nothing about a run is
+kept in module state, so two models, or two runs of one model, never see each other's routes.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from chunkkv_cli.compress import Compressor, clusterkv
-from chunkkv_cli.compress.base import gather_tokens
+from chunkkv_cli.compress.base import Compressor, gather_tokens
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.route import Route
 
 ATTENTION_NAME = "chunkkv_sdpa"
-_active: "CompressionSession | None" = None
-# Keyword the fast decoder passes through the model's forward: its StaticKV, which attends over its own buffers.
-STATIC_CACHE_KWARG = "chunkkv_static_cache"
+ROUTE_KWARG = "chunkkv_route"
 
 
 def bottom_right_causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -34,26 +33,43 @@ def bottom_right_causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
 
 
 def compressing_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA that builds its own causal mask (layer lengths may differ after compression) and compresses on prefill."""
+    """SDPA with its own causal mask (layer lengths may differ after compression), steered by the forward's route."""
     if kwargs.get("sliding_window"):
         raise ChunkKVError("models with sliding-window attention layers are not supported yet")
     scaling = kwargs.get("scaling") or module.scaling
-    static = kwargs.pop(STATIC_CACHE_KWARG, None)
-    if static is not None:
-        return static.attend(module.layer_idx, query, key, value, scaling), None
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if q_len == 1 and clusterkv.active() is not None:  # recallable selection at decode time
-        output = clusterkv.active().attend(module.layer_idx, query, key, value, scaling)
+    route: Route | None = kwargs.pop(ROUTE_KWARG, None)
+    if route is not None:
+        output = route.attend(module.layer_idx, query, key, value, scaling)
         if output is not None:
             return output, None
+    q_len, kv_len = query.shape[2], key.shape[2]
     mask = bottom_right_causal_mask(q_len, kv_len, query.device) if 1 < q_len < kv_len else None
     output, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
-    if _active is not None and q_len == kv_len:
-        _active.compress_layer(module.layer_idx, query, key, value, scaling)
+    if route is not None:
+        route.after_attention(module.layer_idx, query, key, value, scaling)
     return output, None
 
 
 AttentionInterface.register(ATTENTION_NAME, compressing_attention)
+
+
+def use_compressing_attention(model) -> None:
+    if model.config._attn_implementation != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+
+
+def cache_argument(model) -> str:
+    """The name the installed transformers gives the cache argument (`cache` from 5.24, `past_key_values` before)."""
+    forward = getattr(model, "_orig_mod", model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def forward(model, input_ids, cache, positions, route: Route | None = None, last_only: bool = False):
+    """One model forward through the compressing attention: `route` steers it; returns the model output."""
+    kwargs = {cache_argument(model): cache, ROUTE_KWARG: route} if route is not None else {cache_argument(model): cache}
+    if last_only:
+        kwargs["logits_to_keep"] = 1
+    return model(input_ids=input_ids, position_ids=positions, use_cache=True, **kwargs)
 
 
 @dataclass
@@ -75,8 +91,8 @@ class Target:
         return self._last
 
 
-class CompressionSession:
-    """Routes each layer's prefill KV to the targets' caches, compressed; times the compression."""
+class CompressionSession(Route):
+    """A prefill's route: each layer's fresh KV goes to the targets' caches, compressed; times the compression."""
 
     def __init__(self, work_cache: DynamicCache, targets: list[Target], n_layers: int, on_layer=None):
         self.work_cache = work_cache
@@ -86,6 +102,10 @@ class CompressionSession:
         self.prompt_len = 0
         self.full_bytes = 0
         self._timings: list = []
+
+    def after_attention(self, layer_idx, query, key, value, scaling):
+        if query.shape[2] == key.shape[2]:  # a fresh prompt, not an append to a cache
+            self.compress_layer(layer_idx, query, key, value, scaling)
 
     def compress_layer(self, layer_idx, query, key, value, scaling):
         self.prompt_len = key.shape[2]
@@ -144,16 +164,3 @@ def drop_layer(cache: DynamicCache, layer_idx: int) -> None:
     b, h, _, d = layer.keys.shape
     layer.keys = layer.keys.new_empty(b, h, 0, d)
     layer.values = layer.values.new_empty(b, h, 0, layer.values.shape[-1])
-
-
-@contextmanager
-def compression(session: CompressionSession):
-    """Make `session` receive every layer's prefill attention inside the block."""
-    global _active
-    if _active is not None:
-        raise RuntimeError("a compression session is already active")
-    _active = session
-    try:
-        yield session
-    finally:
-        _active = None

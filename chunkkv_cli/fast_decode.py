@@ -15,10 +15,11 @@ import torch
 
 from chunkkv_cli import decode_kernel
 from chunkkv_cli.compress.base import gather_tokens, grouped_decode_attention
-from chunkkv_cli.engine import STATIC_CACHE_KWARG, drop_layer
+from chunkkv_cli.engine import drop_layer, forward
+from chunkkv_cli.route import Route
 
 
-class StaticKV:
+class StaticKV(Route):
     """Per-layer K/V buffers of one capacity; layer l of every sequence holds its first `write_pos[l]` slots.
 
     Layers may hold different numbers of kept tokens (PyramidKV); `filled` (layers, batch) tells attention how many.
@@ -26,7 +27,7 @@ class StaticKV:
     """
 
     def __init__(self, cache, new_tokens: int, recall=None):
-        self.recall = recall  # a ClusterState: decode attention over its selected clusters
+        self.recall = recall  # a per-step method's route (ClusterKV): attention over the tokens it selects
         layers = cache.layers
         lengths = [layer.keys.shape[-2] for layer in layers]
         batch, heads, _, dim = layers[0].keys.shape
@@ -117,13 +118,7 @@ class FastDecoder:
 
     def _forward(self) -> torch.Tensor:
         self.static.open_next_slot()
-        out = self.model(
-            input_ids=self.token,
-            past_key_values=self.static,
-            position_ids=self.position,
-            use_cache=True,
-            **{STATIC_CACHE_KWARG: self.static},
-        )
+        out = forward(self.model, self.token, self.static, self.position, route=self.static)
         self.static.advance()
         self.position += 1
         return out.logits[:, -1]

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from chunkkv_cli.compress import Compressor
 from chunkkv_cli.errors import ChunkKVError
-from chunkkv_cli.engine import ATTENTION_NAME, CompressionSession, Target, compression
+from chunkkv_cli.engine import CompressionSession, Target, forward, use_compressing_attention
 
 
 @dataclass
@@ -23,11 +23,6 @@ class Prefill:
     seconds: float
     compress_seconds: float
     full_bytes: int  # KV bytes the uncompressed cache would hold, summed over the layers as they passed
-
-
-def use_compressing_attention(model) -> None:
-    if model.config._attn_implementation != ATTENTION_NAME:
-        model.set_attn_implementation(ATTENTION_NAME)
 
 
 def synchronize(device: torch.device) -> None:
@@ -52,8 +47,7 @@ def prefill(model, input_ids: torch.Tensor, targets: list[Target], on_layer=None
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     synchronize(input_ids.device)
     start = time.perf_counter()
-    with compression(session):
-        out = model(input_ids=input_ids, past_key_values=work, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = forward(model, input_ids, work, positions, route=session, last_only=True)
     synchronize(input_ids.device)
     seconds = time.perf_counter() - start
     return Prefill(out.logits[:, -1].float(), input_ids.shape[1], seconds, session.compress_seconds(), session.full_bytes)
@@ -72,15 +66,15 @@ def pick_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def hf_step(model, cache, start_pos: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """One transformers forward per token on a DynamicCache (the `hf` decoder)."""
+def hf_step(model, cache, start_pos: int, route=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One transformers forward per token on a DynamicCache (the `hf` decoder); `route` steers its attention."""
     position = [start_pos]
 
     def step(token: torch.Tensor) -> torch.Tensor:
         ids = token[:, None]
         pos = torch.full_like(ids, position[0])
         position[0] += 1
-        return model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1]
+        return forward(model, ids, cache, pos, route=route).logits[:, -1]
 
     return step
 
@@ -103,7 +97,7 @@ def resolve_decoder(decoder: str, device: torch.device, recall=None, cache=None)
 
 
 def make_step(model, cache, start_pos: int, max_new_tokens: int, decoder: str = "hf", recall=None):
-    """`step(token) -> logits`; `recall` (a ClusterState) makes every step attend to selected clusters only.
+    """`step(token) -> logits`; `recall` (a per-step method's decode route) chooses what each step attends to.
 
     `decoder` goes through `resolve_decoder` here, where the cache is known, so every caller gets the
     same choice for `auto` and the same refusals (offloaded clusters, a cache split over devices).
@@ -116,16 +110,7 @@ def make_step(model, cache, start_pos: int, max_new_tokens: int, decoder: str = 
         return FastDecoder(model, cache, start_pos, max_new_tokens, compile=decoder == "compiled", recall=recall).step
     if decoder != "hf":
         raise ChunkKVError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
-    step = hf_step(model, cache, start_pos)
-    if recall is None:
-        return step
-    from chunkkv_cli.compress.clusterkv import decoding
-
-    def recalled(token):
-        with decoding(recall):
-            return step(token)
-
-    return recalled
+    return hf_step(model, cache, start_pos, recall)
 
 
 @torch.inference_mode()

@@ -28,8 +28,13 @@ from typing import Any
 from chunkkv_cli.documents import json_line
 from chunkkv_cli.errors import ChunkKVError
 
-# Methods that evict at prefill, so a document compressed once serves all its questions (not clusterkv).
-BATCH_METHODS = ("chunkkv", "snapkv", "pyramidkv", "h2o", "streamingllm", "fullkv")
+def batch_methods() -> list[str]:
+    """Methods whose document, compressed once, serves all its questions."""
+    from chunkkv_cli.compress import methods_where
+
+    return methods_where(reusable=True)
+
+
 KEYS = ("id", "document", "question", "method", "ratio", "budget", "meta")
 
 
@@ -110,8 +115,8 @@ def _job_id(record: dict, where: str) -> str | None:
 
 def _compression(record: dict, where: str) -> tuple[str | None, float | None, int | None]:
     method, ratio, budget = record.get("method"), record.get("ratio"), record.get("budget")
-    if method is not None and method not in BATCH_METHODS:
-        raise ChunkKVError(f"{where}: 'method' must be one of {', '.join(BATCH_METHODS)}, got {method!r}")
+    if method is not None and method not in batch_methods():
+        raise ChunkKVError(f"{where}: 'method' must be one of {', '.join(batch_methods())}, got {method!r}")
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
         raise ChunkKVError(f"{where}: 'ratio' must be a number in (0, 1], got {ratio!r}")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):

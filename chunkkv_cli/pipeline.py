@@ -60,12 +60,8 @@ class TextStream:
 
 
 def recall_state(compressor: Compressor, cache):
-    """Per-layer clusters of the full prefilled cache for a decode-time method (clusterkv), else None."""
-    if compressor.name != "clusterkv":
-        return None
-    from chunkkv_cli.compress.clusterkv import ClusterState
-
-    return ClusterState.build(compressor, cache)
+    """The decode route of a method that selects at every step (built on the full prefilled cache), else None."""
+    return compressor.decode_route(cache) if compressor.caps.per_step else None
 
 
 def stream_answer(

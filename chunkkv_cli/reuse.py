@@ -19,8 +19,8 @@ import torch
 from transformers import DynamicCache
 
 from chunkkv_cli.compress import Compressor
-from chunkkv_cli.engine import store_layer
-from chunkkv_cli.generate import decode, new_target, prefill, synchronize, use_compressing_attention
+from chunkkv_cli.engine import forward, store_layer, use_compressing_attention
+from chunkkv_cli.generate import decode, new_target, prefill, synchronize
 from chunkkv_cli.pipeline import Answer, stream_answer
 
 
@@ -91,7 +91,7 @@ def append(model, cache, ids: list[int], start_pos: int) -> torch.Tensor:
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     positions = torch.arange(start_pos, start_pos + len(ids), device=device)[None]
-    out = model(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = forward(model, input_ids, cache, positions, last_only=True)
     return out.logits[:, -1].float()
 
 

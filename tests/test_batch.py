@@ -19,7 +19,7 @@ from chunkkv_cli.batch import Rank, Settings, check_resume, run_batch
 from chunkkv_cli.cli import app
 from chunkkv_cli.documents import read_document
 from chunkkv_cli.errors import ChunkKVError
-from chunkkv_cli.jobs import BATCH_METHODS, default_id, read_jobs, run_order, shard
+from chunkkv_cli.jobs import batch_methods, default_id, read_jobs, run_order, shard
 
 SETTINGS = Settings(model="fake")
 
@@ -105,10 +105,12 @@ def test_default_ids_follow_the_job_not_its_line(docs):
     assert default_id("a.md", "one?", ratio=0.2) != default_id("a.md", "one?", budget=1)
 
 
-def test_batch_methods_are_the_ask_methods_that_evict_at_prefill():
+def test_batch_methods_are_the_registered_methods_whose_compression_is_reusable():
     from chunkkv_cli.commands.ask import Method
+    from chunkkv_cli.compress import METHODS
 
-    assert set(BATCH_METHODS) == {m.value for m in Method} - {"clusterkv"}
+    assert set(batch_methods()) == {m.value for m in Method if METHODS[m.value].caps.reusable}
+    assert "clusterkv" not in batch_methods() and "chunkkv" in batch_methods()
 
 
 GOOD = json.dumps({"document": "a.md", "question": "fine?"})

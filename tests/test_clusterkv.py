@@ -11,7 +11,6 @@ from chunkkv_cli.compress.base import gather_tokens
 from chunkkv_cli.compress.clusterkv import (
     ClusterState,
     cluster_scores,
-    decoding,
     kmeans_cosine,
     members,
     select_tokens,
@@ -113,8 +112,7 @@ def generate(model, prompt, compressor, new_tokens=12):
     target = new_target(model, compressor)
     pre = prefill(model, prompt, [target])
     state = ClusterState.build(compressor, target.cache)
-    with decoding(state):
-        tokens = decode(model, target.cache, pre.logits, prompt.shape[1], new_tokens)
+    tokens = decode(model, target.cache, pre.logits, prompt.shape[1], new_tokens, recall=state)
     return tokens, state, target
 
 
@@ -306,7 +304,7 @@ def test_cli_offload_cpu_shrinks_the_device_cache_and_is_clusterkv_only(tiny_loa
     assert offloaded["text"] == on_device["text"]
     # layers 0-1 of the tiny model's 4 stay whole (full_layers=2); layers 2-3 keep only sinks + new tokens
     assert offloaded["kept_kv_bytes"] < 0.6 * on_device["kept_kv_bytes"]
-    one_line_error(invoke(doc, "Who?", "--offload", "cpu"), "--method clusterkv")
+    one_line_error(invoke(doc, "Who?", "--offload", "cpu"), "--offload is for methods that recall tokens at decode time (clusterkv)")
     one_line_error(invoke(doc, "Who?", "--method", "clusterkv", "--offload", "cpu", "--decoder", "fast"), "--decoder hf")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chunkkv_cli.compress import METHODS, make_compressor
+from chunkkv_cli.compress import METHODS, compressor_for, make_compressor
 from chunkkv_cli.compress.base import window_scores
 from chunkkv_cli.compress.chunkkv import chunk_scores, keep_top_chunks
 from chunkkv_cli.compress.h2o import accumulated_attention
@@ -28,7 +28,7 @@ def per_head(idx, kv_heads):
 @pytest.mark.parametrize("length", [103, 100, 57])
 def test_exact_budget_window_kept_no_duplicates(method, length):
     query, key = qk(length=length)
-    comp = make_compressor(method, budget=30, window=8, chunk_size=10)
+    comp = compressor_for(method, budget=30, window=8, chunk_size=10)
     idx = per_head(comp.select(query, key, 0, 4, 0.25), 2)
     assert idx.shape == (2, 2, 30)
     for row in idx.reshape(-1, 30):

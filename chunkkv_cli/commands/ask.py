@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from chunkkv_cli.commands.options import (
+    require_reusable,
     DecoderOpt,
     check_decoder,
     offload_args,
@@ -35,6 +36,7 @@ from chunkkv_cli.commands.options import (
     TrustRemoteCodeOpt,
     WindowOpt,
 )
+from chunkkv_cli import registry
 from chunkkv_cli.errors import ChunkKVError
 
 EXAMPLES = """[b]Examples[/b]
@@ -53,14 +55,7 @@ EXAMPLES = """[b]Examples[/b]
 """
 
 
-class Method(str, Enum):
-    chunkkv = "chunkkv"
-    snapkv = "snapkv"
-    pyramidkv = "pyramidkv"
-    h2o = "h2o"
-    streamingllm = "streamingllm"
-    fullkv = "fullkv"
-    clusterkv = "clusterkv"
+Method = Enum("Method", {name: name for name in registry.names()}, type=str)
 
 
 MethodOpt = Annotated[Method, typer.Option(help="KV compression method.")]
@@ -103,7 +98,7 @@ def ask(
     json_out: JsonOpt = False,
 ) -> None:
     """Answer a question about a long document, with the KV cache compressed (ChunkKV by default)."""
-    from chunkkv_cli.compress import make_compressor
+    from chunkkv_cli.compress import applicable, make_compressor
 
     if max_new_tokens < 1:
         raise ChunkKVError("--max-new-tokens must be at least 1")
@@ -117,11 +112,12 @@ def ask(
         model = model if _given(ctx, "model") else None
         many = questions is not None
         return _ask_cache(document, asked, model, device, dtype, trust_remote_code, json_out, generation, many)
-    if method is Method.clusterkv and questions is not None:
-        raise ChunkKVError("--method clusterkv selects tokens at every decode step: ask one QUESTION at a time")
     compressor = make_compressor(
-        method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size, **offload_args(method.value, offload)
+        method.value, **applicable(method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size),
+        **offload_args(method.value, offload),
     )
+    if questions is not None:
+        require_reusable(compressor, "ask --questions")
     text = _read(document)
     load = (model, device, dtype, trust_remote_code)
     if questions is not None:

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from chunkkv_cli.commands import ask as ask_cmd
 from chunkkv_cli.commands.ask import Method, MethodOpt
 from chunkkv_cli.commands.options import (
+    require_reusable,
     DEFAULT_MODEL,
     BudgetOpt,
     ChunkSizeOpt,
@@ -114,15 +115,12 @@ def check_settings(settings) -> None:
     """Option errors before anything runs (ratio, budget and window are checked by the method itself)."""
     from chunkkv_cli.compress import make_compressor
 
-    if settings.method == "clusterkv":
-        raise ChunkKVError("--method clusterkv selects tokens at every decode step; batch compresses documents once: "
-                           "use `chunkkv ask DOC QUESTION --method clusterkv`")  # fmt: skip
     if settings.max_new_tokens < 1:
         raise ChunkKVError("--max-new-tokens must be at least 1")
     if settings.reuse_layers < 1:
         raise ChunkKVError("--reuse-layers must be at least 1")
     check_decoder(settings.decoder)
-    make_compressor(settings.method, ratio=settings.ratio, budget=settings.budget, window=settings.window)
+    require_reusable(make_compressor(settings.method, ratio=settings.ratio, budget=settings.budget, window=settings.window), "batch")
 
 
 def check_output(jobs: Path, output: Path) -> None:

@@ -21,6 +21,7 @@ from chunkkv_cli.commands.options import (
     offload_args,
 )
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.registry import REFERENCE
 
 EXAMPLES = """[b]Examples[/b]
 
@@ -61,7 +62,7 @@ def bench(
 ) -> None:
     """Time prefill (TTFT), compression, decode and peak memory for fullkv vs a method, with and without index reuse."""
     from chunkkv_cli.bench import environment, plan_cases, run_bench
-    from chunkkv_cli.compress import METHODS, make_compressor
+    from chunkkv_cli.compress import METHODS, compressor_for
     from chunkkv_cli.model import load_model, resolve_device
 
     torch_device = resolve_device(device)
@@ -77,7 +78,7 @@ def bench(
         raise ChunkKVError("--decode-tokens and --repeats must be at least 1")
     compressor_args = {"ratio": ratio, "budget": budget, "window": window, "chunk_size": chunk_size,
                        **offload_args(method, offload)}
-    make_compressor(method, **compressor_args)  # validate before loading anything
+    compressor_for(method, **compressor_args)  # validate before loading anything
     err = Console(stderr=True)
     if torch_device.type == "cpu":
         err.print("[yellow]no GPU: timing on the CPU at small lengths; GPU figures need a CUDA device[/]")
@@ -197,14 +198,14 @@ def _table(seq: int, kind: str, rows: list[dict]) -> Table:
             _gib(r["peak_prefill_bytes"]),
             _gib(r["peak_decode_bytes"]),
             _gib(r["kv_bytes"]),
-            _versus(r["vs_fullkv"]) if r["method"] != "fullkv" else "—",
+            _versus(r["vs_fullkv"]) if r["method"] != REFERENCE else "—",
             _versus(r["vs_no_reuse"]) if r["reuse_layers"] > 1 else "—",
         )
     return table
 
 
 def _label(row: dict) -> str:
-    reuse = f" reuse {row['reuse_layers']}" if row["method"] != "fullkv" else ""
+    reuse = f" reuse {row['reuse_layers']}" if row["method"] != REFERENCE else ""
     return f"{row['method']}{reuse} ({row.get('decoder', 'hf')})"
 
 

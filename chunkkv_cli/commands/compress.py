@@ -12,6 +12,7 @@ from rich.console import Console
 from chunkkv_cli.commands import ask as ask_cmd
 from chunkkv_cli.commands.ask import Method, MethodOpt
 from chunkkv_cli.commands.options import (
+    require_reusable,
     DEFAULT_MODEL,
     BudgetOpt,
     ChunkSizeOpt,
@@ -64,13 +65,14 @@ def compress(
 ) -> None:
     """Prefill a document once and save its compressed KV cache, for `chunkkv ask DOC.ckv "question"`."""
     from chunkkv_cli.cache_io import make_meta, method_meta, model_identity, save
-    from chunkkv_cli.compress import make_compressor
+    from chunkkv_cli.compress import applicable, make_compressor
 
     if reuse_layers < 1:
         raise ChunkKVError("--reuse-layers must be at least 1")
-    if method is Method.clusterkv:
-        raise ChunkKVError("--method clusterkv evicts nothing and selects at decode time: use `chunkkv ask DOC QUESTION --method clusterkv`")
-    compressor = make_compressor(method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
+    compressor = make_compressor(
+        method.value, **applicable(method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
+    )
+    require_reusable(compressor, "compress")
     out = output_path(document, output)
     text = ask_cmd._read(document)
     err = Console(stderr=True)

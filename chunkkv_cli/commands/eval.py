@@ -23,6 +23,7 @@ from chunkkv_cli.commands.options import (
     WindowOpt,
 )
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.registry import REFERENCE
 
 EXAMPLES = """[b]Examples[/b]
 
@@ -139,17 +140,17 @@ def eval_command(
 
 
 def parse_methods(text: str, task: str) -> list[str]:
-    from chunkkv_cli.compress import METHODS
+    from chunkkv_cli.compress import METHODS, methods_where
 
     names = list(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
         raise ChunkKVError(f"--methods: unknown method {', '.join(map(repr, unknown)) or '(none)'}; choose from {', '.join(METHODS)}")
     if task == "similarity":
-        # fullkv keeps every index (similarity 1 by definition); clusterkv keeps everything and selects per step
-        names = [n for n in names if n not in ("fullkv", "clusterkv")]
+        # a method that evicts nothing keeps every index: similarity 1 by definition
+        names = [n for n in names if n in methods_where(evicts=True)]
         if not names:
-            raise ChunkKVError("--methods: similarity needs a method that evicts (not only fullkv or clusterkv)")
+            raise ChunkKVError(f"--methods: similarity needs a method that evicts ({', '.join(methods_where(evicts=True))})")
     return names
 
 
@@ -370,7 +371,7 @@ def results_table(results: dict) -> Table:
     n_by_cell = {(c["method"], c["ratio"]): c["n"] for c in results["cells"]}
     total = results["samples"]
     for method, row in results["table"].items():
-        if method == "fullkv":
+        if method == REFERENCE:
             table.add_row(method, *[f"[dim]{_cell(row.get('1'), n_by_cell.get((method, '1')), total)}[/]"] * len(ratios))
             continue
         table.add_row(method, *[_cell(row.get(r), n_by_cell.get((method, r)), total) for r in ratios])

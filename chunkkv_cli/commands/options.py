@@ -67,9 +67,20 @@ OffloadOpt = Annotated[
 
 
 def offload_args(method: str, offload: str | None) -> dict:
-    """Compressor arguments for --offload, which only clusterkv takes."""
+    """Compressor arguments for --offload, which only methods that recall tokens at decode time take."""
+    from chunkkv_cli.compress import method_class
+
     if offload is None:
         return {}
-    if method != "clusterkv":
-        raise ChunkKVError(f"--offload is for --method clusterkv (it recalls tokens at decode time), not {method}")
+    if "offload" not in method_class(method).parameters():
+        raise ChunkKVError(f"--offload is for methods that recall tokens at decode time (clusterkv), not {method}")
     return {"offload": offload}
+
+
+def require_reusable(compressor, where: str) -> None:
+    """Compress-once paths need a method whose compressed document serves later questions."""
+    if not compressor.caps.reusable:
+        raise ChunkKVError(
+            f"{where} compresses a document once for later questions, and --method {compressor.name} cannot "
+            f"(it selects at every decode step): use `chunkkv ask DOC QUESTION --method {compressor.name}`"
+        )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -10,6 +10,28 @@ import torch.nn.functional as F
 
 from chunkkv_cli.compress.graphs import GraphedSelection
 from chunkkv_cli.errors import ChunkKVError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method needs and when it acts; the engine, decoders and commands ask these, never a name.
+
+    prefill_select: chooses tokens while each layer is prefilled, from its queries and keys (`select_tokens`).
+    own_pass: needs a scoring pass of its own over the document after it is prefilled (`score_pass`).
+    per_step: keeps everything and selects what to attend at every decode step (`decode_route`).
+    per_head: kept tokens (and budgets) differ between KV heads.
+    evicts: drops tokens from the cache, so less memory is held after compression.
+    reusable: one compression of a document can serve questions asked later (compress, batch).
+    question_agnostic: scores a document without its question (the default for compress-once paths).
+    """
+
+    prefill_select: bool = False
+    own_pass: bool = False
+    per_step: bool = False
+    per_head: bool = False
+    evicts: bool = True
+    reusable: bool = True
+    question_agnostic: bool = False
 
 
 @dataclass
@@ -31,7 +53,7 @@ class Compressor:
     window: int = 32
 
     name: ClassVar[str] = "base"
-    compresses: ClassVar[bool] = True
+    caps: ClassVar[Capabilities] = Capabilities()
     # Selection reads only the window's queries and the keys, with one budget for every layer:
     # it can then be captured once per prompt as a CUDA graph and replayed by the other layers.
     graphable: ClassVar[bool] = False
@@ -74,6 +96,19 @@ class Compressor:
 
     def select_tokens(self, query, key, n_kept: int, window: int, scaling: float) -> torch.Tensor:
         raise NotImplementedError
+
+    def score_pass(self, model, cache, prompt_ids: torch.Tensor, on_layer=None) -> list[torch.Tensor | None]:
+        """For `caps.own_pass`: per layer, the indices to keep in the prefilled full `cache` (None = all)."""
+        raise NotImplementedError
+
+    def decode_route(self, cache):
+        """For `caps.per_step`: the route that selects what each decode step attends to, built on the full cache."""
+        return None
+
+    @classmethod
+    def parameters(cls) -> list[str]:
+        """The keyword arguments the method takes."""
+        return [f.name for f in fields(cls) if f.init]
 
 
 def window_indices(kv_len: int, window: int, like: torch.Tensor) -> torch.Tensor:

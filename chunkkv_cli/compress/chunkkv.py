@@ -6,7 +6,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from chunkkv_cli.compress.base import Compressor, window_indices, window_scores
+from chunkkv_cli.compress.base import Capabilities, Compressor, window_indices, window_scores
 from chunkkv_cli.errors import ChunkKVError
 
 
@@ -73,6 +73,7 @@ class ChunkKV(Compressor):
     pool_kernel: int = 7
 
     name: ClassVar[str] = "chunkkv"
+    caps: ClassVar[Capabilities] = Capabilities(prefill_select=True)
     graphable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

@@ -1,8 +1,8 @@
 """ClusterKV: recallable KV selection by semantic clusters of keys, at every decode step.
 
 Nothing is evicted: the prompt is prefilled in full (`select` returns None). Afterwards each layer's
-keys (sinks excluded) are clustered per KV head with cosine k-means; while `decoding(state)` is
-active, every decode step of a layer past `full_layers` attends with exact softmax only to the sinks,
+keys (sinks excluded) are clustered per KV head with cosine k-means; with that `ClusterState` as its
+route, every decode step of a layer past `full_layers` attends with exact softmax only to the sinks,
 the best-scoring clusters (cut to the budget exactly) and the not-yet-clustered recent tokens.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from chunkkv_cli import cluster_kernels
-from chunkkv_cli.compress.base import Compressor, gather_tokens, grouped_decode_attention, group_queries
+from chunkkv_cli.compress.base import Capabilities, Compressor, gather_tokens, grouped_decode_attention, group_queries
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.route import Route
 
 
 @dataclass
@@ -65,7 +65,8 @@ class ClusterKV(Compressor):
     new_clusters: int = 8
 
     name: ClassVar[str] = "clusterkv"
-    compresses: ClassVar[bool] = False
+    caps: ClassVar[Capabilities] = Capabilities(per_step=True, per_head=True, evicts=False, reusable=False,
+                                                question_agnostic=True)
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.budget is None:
@@ -86,6 +87,10 @@ class ClusterKV(Compressor):
 
     def select(self, query, key, layer_idx, n_layers, scaling):
         return None
+
+    def decode_route(self, cache) -> "ClusterState":
+        """Cluster the prefilled cache; the returned route makes each decode step attend to chosen clusters."""
+        return ClusterState.build(self, cache)
 
     def step_budget(self, prompt_len: int) -> int:
         """Tokens attended per decode step: --budget, or --ratio of the prompt (1024 if neither is given)."""
@@ -211,8 +216,8 @@ class LayerClusters:
         self.clustered_end += keys.shape[2]
 
 
-class ClusterState:
-    """Per-layer clusters of a prefilled cache; routes decode attention while `decoding(self)` is active."""
+class ClusterState(Route):
+    """Per-layer clusters of a prefilled cache; as a decode step's route, attends to the chosen clusters."""
 
     def __init__(self, compressor: ClusterKV, layers: list[LayerClusters | None], prompt_len: int, seconds: float = 0.0):
         self.compressor = compressor
@@ -301,6 +306,8 @@ class ClusterState:
         query: (batch, q_heads, 1, d); key/value: (batch, kv_heads, kv_len, d).
         Returns (batch, 1, q_heads, d) like transformers' attention functions.
         """
+        if query.shape[2] != 1:
+            return None
         state = self.clusters(layer_idx)
         if state is not None and state.host is not None:
             return self._attend_offloaded(state, query, key, value, scaling)
@@ -361,23 +368,3 @@ def _fit_layers(comp: ClusterKV, cache, layer_ids: list[int]) -> list[LayerClust
         order, offsets = members(assign, n_clusters, sinks)
         state.centroids, state.order, state.offsets, state.clustered_end = fitted, order, offsets, n
     return states
-
-
-_active: ClusterState | None = None
-
-
-def active() -> ClusterState | None:
-    return _active
-
-
-@contextmanager
-def decoding(state: ClusterState):
-    """Make decode steps (one query per sequence) inside the block attend through `state`."""
-    global _active
-    if _active is not None:
-        raise RuntimeError("a clusterkv decoding state is already active")
-    _active = state
-    try:
-        yield state
-    finally:
-        _active = None

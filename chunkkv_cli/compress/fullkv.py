@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from chunkkv_cli.compress.base import Compressor
+from chunkkv_cli.compress.base import Capabilities, Compressor
 
 
 @dataclass
@@ -11,7 +11,7 @@ class FullKV(Compressor):
     """No compression: the reference every method is compared with."""
 
     name: ClassVar[str] = "fullkv"
-    compresses: ClassVar[bool] = False
+    caps: ClassVar[Capabilities] = Capabilities(evicts=False, question_agnostic=True)
 
     def kept_tokens(self, kv_len: int) -> int:
         return kv_len

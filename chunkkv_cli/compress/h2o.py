@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import torch
 
-from chunkkv_cli.compress.base import Compressor, group_queries, keep_top
+from chunkkv_cli.compress.base import Capabilities, Compressor, group_queries, keep_top
 
 
 def accumulated_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, block: int) -> torch.Tensor:
@@ -44,6 +44,7 @@ class H2O(Compressor):
     block: int = 512
 
     name: ClassVar[str] = "h2o"
+    caps: ClassVar[Capabilities] = Capabilities(prefill_select=True, per_head=True)
 
     def select_tokens(self, query, key, n_kept, window, scaling):
         kv_len = key.shape[2]

@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from chunkkv_cli.compress.base import Compressor, keep_top, window_scores
+from chunkkv_cli.compress.base import Capabilities, Compressor, keep_top, window_scores
 
 
 @dataclass
@@ -22,6 +22,7 @@ class SnapKV(Compressor):
     pool_kernel: int = 7
 
     name: ClassVar[str] = "snapkv"
+    caps: ClassVar[Capabilities] = Capabilities(prefill_select=True, per_head=True)
     graphable: ClassVar[bool] = True
 
     def select_tokens(self, query, key, n_kept, window, scaling):

@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import torch
 
-from chunkkv_cli.compress.base import Compressor
+from chunkkv_cli.compress.base import Capabilities, Compressor
 
 
 @dataclass
@@ -24,6 +24,7 @@ class StreamingLLM(Compressor):
     sinks: int = 4
 
     name: ClassVar[str] = "streamingllm"
+    caps: ClassVar[Capabilities] = Capabilities(prefill_select=True, question_agnostic=True)
 
     def select_tokens(self, query, key, n_kept, window, scaling):
         kv_len = key.shape[2]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chunkkv_cli.registry import REFERENCE
+
 
 def have_matplotlib() -> bool:
     try:
@@ -52,7 +54,7 @@ def needle_heatmaps(results: dict, out: Path) -> list[Path]:
         for ax, (ratio, rows) in zip(axes[0], by_ratio.items()):
             image = _needle_panel(ax, rows, lengths, depths)
             ax.set_ylabel("needle depth" if ax is axes[0][0] else "")
-            title = "full cache" if method == "fullkv" else f"ratio {ratio}"
+            title = "full cache" if method == REFERENCE else f"ratio {ratio}"
             ax.set_title(f"{title}: {_found(rows)}", fontsize=10)
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="needle found")
         fig.suptitle(f"Needle in a haystack: {method} ({results['model']})", fontsize=11)
@@ -101,7 +103,7 @@ def score_lines(results: dict, out: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
     for method, row in results["table"].items():
-        if method == "fullkv":
+        if method == REFERENCE:
             if row.get("1") is not None:
                 ax.axhline(row["1"], color="black", linestyle="--", linewidth=1, label="fullkv")
             continue

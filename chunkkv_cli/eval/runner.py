@@ -19,6 +19,7 @@ from chunkkv_cli.compress.base import keep_top
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.eval import scoring
 from chunkkv_cli.eval.data import Sample
+from chunkkv_cli.registry import REFERENCE
 
 RECORDS_FILE = "records.jsonl"
 SETTINGS_FILE = "settings.json"
@@ -84,7 +85,7 @@ def grid_points(methods: Iterable[str], ratios: Iterable[float]) -> list[Point]:
     ratios = list(ratios)
     points = []
     for method in methods:
-        points.extend([Point(method, 1.0)] if method == "fullkv" else [Point(method, r) for r in ratios])
+        points.extend([Point(method, 1.0)] if method == REFERENCE else [Point(method, r) for r in ratios])
     return points
 
 
@@ -196,14 +197,14 @@ def evaluate_sample(model, tokenizer, sample: Sample, points: list[Point], setti
 
 def make_targets(model, points: list[Point], settings: Settings) -> list:
     """A compressed-cache target per point; H2O's costly scores are computed once per layer for all its ratios."""
-    from chunkkv_cli.compress import make_compressor
+    from chunkkv_cli.compress import compressor_for
     from chunkkv_cli.generate import new_target
 
     memo = LastLayerScores()
     targets = []
     for point in points:
         params = dict(**point.compression(), window=settings.window, chunk_size=settings.chunk_size)
-        compressor = make_compressor(point.method, **params)
+        compressor = compressor_for(point.method, **params)
         if isinstance(compressor, H2O):
             compressor = SharedH2O(**point.compression(), window=settings.window, block=compressor.block, memo=memo)
         targets.append(new_target(model, compressor, settings.reuse_layers, record=settings.task == "similarity"))
@@ -396,7 +397,7 @@ def orderings(table: dict, ratios: list[float]) -> dict[str, str]:
 
 
 def _ranked(table: dict, label: str) -> list[tuple[str, float]]:
-    scores = {m: row.get("1") if m == "fullkv" else row.get(label) for m, row in table.items()}
+    scores = {m: row.get("1") if m == REFERENCE else row.get(label) for m, row in table.items()}
     return sorted(((m, v) for m, v in scores.items() if v is not None), key=lambda item: -item[1])
 
 
@@ -426,7 +427,7 @@ def mean_matrices(store: RecordStore, samples: list[Sample], points: list[Point]
     adjacent: dict = {}
     for point in points:
         records = _cell_records(store, samples, "similarity", point)
-        if not records or point.method == "fullkv":
+        if not records or point.method == REFERENCE:
             continue
         mean = torch.tensor([r["matrix"] for r in records]).mean(0).tolist()
         matrices.setdefault(point.method, {})[point.label] = [[round(v, 4) for v in row] for row in mean]

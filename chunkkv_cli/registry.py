@@ -1,0 +1,31 @@
+"""Every method by name, without importing torch (so `chunkkv --help` lists them instantly).
+
+Adding a method: its module under compress/ and one line here (docs/architecture.md has the steps). Everything else asks the class's `caps`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+REGISTRY: dict[str, str] = {
+    "chunkkv": "chunkkv_cli.compress.chunkkv:ChunkKV",
+    "snapkv": "chunkkv_cli.compress.snapkv:SnapKV",
+    "pyramidkv": "chunkkv_cli.compress.pyramidkv:PyramidKV",
+    "h2o": "chunkkv_cli.compress.h2o:H2O",
+    "streamingllm": "chunkkv_cli.compress.streamingllm:StreamingLLM",
+    "fullkv": "chunkkv_cli.compress.fullkv:FullKV",
+    "clusterkv": "chunkkv_cli.compress.clusterkv:ClusterKV",
+}
+
+# The uncompressed cache: the reference row every bench and eval table is compared with.
+REFERENCE = "fullkv"
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def load(name: str):
+    """The method's class (imports torch)."""
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,19 @@
+"""The route: what one forward's attention does beyond plain SDPA (see `engine.compressing_attention`)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Route:
+    """Handed to the attention function of every layer for one forward. Subclasses override either hook."""
+
+    def attend(self, layer_idx: int, query, key, value, scaling: float) -> torch.Tensor | None:
+        """The attention output (batch, q_len, q_heads, d) computed here, or None for plain SDPA.
+
+        query: (batch, q_heads, q_len, d) after RoPE; key/value: the layer's cache after this forward's update.
+        """
+        return None
+
+    def after_attention(self, layer_idx: int, query, key, value, scaling: float) -> None:
+        """Called with the layer's rotated queries and its cache's keys/values once attention has run."""
