@@ -99,6 +99,14 @@ def question_ids(tokenizer, question: str) -> list[int]:
     return full[len(prefix):]
 
 
+def pass_request_ids(tokenizer, compressor) -> list[int]:
+    """Token ids of the request a method's own pass appends after the prefix (as a question would be), or []."""
+    request = getattr(compressor, "pass_request", None)
+    if tokenizer is None or not request:
+        return []
+    return question_ids(tokenizer, request)
+
+
 def _common_length(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:

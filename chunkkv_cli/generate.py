@@ -11,7 +11,8 @@ from transformers import DynamicCache
 
 from chunkkv_cli.compress import Compressor
 from chunkkv_cli.errors import ChunkKVError
-from chunkkv_cli.engine import CompressionSession, Target, forward, use_compressing_attention
+from chunkkv_cli.compress.base import gather_tokens
+from chunkkv_cli.engine import CompressionSession, Target, forward, full_range, store_layer, use_compressing_attention
 
 
 @dataclass
@@ -35,11 +36,14 @@ def new_target(model, compressor: Compressor, reuse_layers: int = 1, record: boo
 
 
 @torch.inference_mode()
-def prefill(model, input_ids: torch.Tensor, targets: list[Target], on_layer=None) -> Prefill:
+def prefill(model, input_ids: torch.Tensor, targets: list[Target], on_layer=None, repeat_prompt=()) -> Prefill:
     """Run the prompt once; every target's cache ends up holding its compressed KV.
 
     input_ids: (batch, prompt_len). With several targets the model works on a scratch cache
-    whose layers are freed as soon as the targets have taken their share.
+    whose layers are freed as soon as the targets have taken their share. Methods with a scoring
+    pass of their own (`caps.own_pass`) keep the full cache through the forward, then run that pass
+    (`repeat_prompt`: token ids asking the model to repeat the document) and keep what it chooses;
+    `seconds` and `compress_seconds` include the pass.
     """
     use_compressing_attention(model)
     work = targets[0].cache if len(targets) == 1 else DynamicCache(config=model.config)
@@ -49,8 +53,26 @@ def prefill(model, input_ids: torch.Tensor, targets: list[Target], on_layer=None
     start = time.perf_counter()
     out = forward(model, input_ids, work, positions, route=session, last_only=True)
     synchronize(input_ids.device)
-    seconds = time.perf_counter() - start
-    return Prefill(out.logits[:, -1].float(), input_ids.shape[1], seconds, session.compress_seconds(), session.full_bytes)
+    forward_done = time.perf_counter()
+    for target in targets:
+        if target.compressor.caps.own_pass:
+            apply_score_pass(model, target, input_ids, repeat_prompt)
+    synchronize(input_ids.device)
+    pass_seconds = time.perf_counter() - forward_done
+    logits = out.logits[:, -1].float()
+    compress_seconds = session.compress_seconds() + pass_seconds
+    return Prefill(logits, input_ids.shape[1], forward_done - start + pass_seconds, compress_seconds, session.full_bytes)
+
+
+def apply_score_pass(model, target: Target, input_ids: torch.Tensor, repeat_prompt=()) -> None:
+    """Run the method's own pass over the fully prefilled cache and keep, per layer, the tokens it chooses."""
+    keep = target.compressor.score_pass(model, target.cache, input_ids, repeat_prompt)
+    for layer_idx, idx in enumerate(keep):
+        layer = target.cache.layers[layer_idx]
+        keys, values = (layer.keys, layer.values) if idx is None else (gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx))
+        store_layer(target.cache, layer_idx, keys.contiguous(), values.contiguous())
+        if target.record:
+            target.kept[layer_idx] = full_range(keys) if idx is None else idx.detach().cpu()
 
 
 def pick_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> torch.Tensor:

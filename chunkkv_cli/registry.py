@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {
     "streamingllm": "chunkkv_cli.compress.streamingllm:StreamingLLM",
     "fullkv": "chunkkv_cli.compress.fullkv:FullKV",
     "clusterkv": "chunkkv_cli.compress.clusterkv:ClusterKV",
+    "kvzip": "chunkkv_cli.compress.kvzip:KVzip",
 }
 
 # The uncompressed cache: the reference row every bench and eval table is compared with.

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from chunkkv_cli.compress import Compressor
+from chunkkv_cli.documents import pass_request_ids
 from chunkkv_cli.engine import forward, store_layer, use_compressing_attention
 from chunkkv_cli.generate import decode, new_target, prefill, synchronize
 from chunkkv_cli.pipeline import Answer, stream_answer
@@ -49,12 +50,16 @@ class CompressedPrefix:
 
 
 def compress_prefix(
-    model, ids: list[int], compressor: Compressor, reuse_layers: int = 1, on_layer=None
+    model, ids: list[int], compressor: Compressor, reuse_layers: int = 1, on_layer=None, tokenizer=None
 ) -> CompressedPrefix:
-    """Prefill `ids` (the prefix alone) and keep each layer's compressed KV and kept positions."""
+    """Prefill `ids` (the prefix alone) and keep each layer's compressed KV and kept positions.
+
+    `tokenizer` phrases the request of a method with a pass of its own (KVzip's "repeat the context").
+    """
     device = next(model.parameters()).device
     target = new_target(model, compressor, reuse_layers, record=True)
-    pre = prefill(model, torch.tensor([ids], device=device), [target], on_layer)
+    request = pass_request_ids(tokenizer, compressor)
+    pre = prefill(model, torch.tensor([ids], device=device), [target], on_layer, request)
     layers = target.cache.layers
     return CompressedPrefix(
         keys=[layer.keys for layer in layers],

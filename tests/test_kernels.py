@@ -130,3 +130,29 @@ def test_kmeans_through_the_kernel_matches_kmeans_in_torch(monkeypatch):
     assert same_partition(assign.cpu(), labels)
     assert torch.equal(assign, reference[1])
     torch.testing.assert_close(centroids, reference[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("kv_heads,group,doc_len,n", [(2, 4, 300, 70), (3, 3, 129, 64), (1, 1, 64, 5)])
+def test_best_weights_kernel_matches_the_softmax_maximum(kv_heads, group, doc_len, n):
+    from chunkkv_cli.kvzip_kernels import best_weights
+
+    gen = torch.Generator().manual_seed(5)
+    folded, keys = randn(2, kv_heads, group * n, 64, gen=gen), randn(2, kv_heads, doc_len + n, 64, gen=gen)
+    logits = (folded.float() @ keys.float().transpose(-1, -2)) * 0.125
+    lse = logits.logsumexp(dim=-1)
+    expected = (logits - lse[..., None]).exp()[..., :doc_len].amax(dim=2)
+    got = best_weights(folded, keys[:, :, :doc_len], lse, 0.125)
+    assert torch.allclose(got, expected, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="flash attention runs on CUDA only")
+def test_gpu_reconstruction_attention_matches_the_blockwise_reference():
+    from chunkkv_cli import kvzip_kernels
+    from chunkkv_cli.compress import kvzip
+
+    gen = torch.Generator().manual_seed(6)
+    query, key, value = randn(1, 8, 96, 128, gen=gen), randn(1, 2, 400, 128, gen=gen), randn(1, 2, 400, 128, gen=gen)
+    out, best = kvzip_kernels.attend_and_score(query, key, value, 304, 0.088)
+    ref_out, ref_best = kvzip.attend_and_score(query.float(), key.float(), value.float(), 304, 0.088, block=32)
+    assert torch.allclose(out.float(), ref_out, atol=2e-2)
+    assert torch.allclose(best, ref_best, atol=2e-3, rtol=3e-2)

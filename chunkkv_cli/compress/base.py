@@ -54,6 +54,8 @@ class Compressor:
 
     name: ClassVar[str] = "base"
     caps: ClassVar[Capabilities] = Capabilities()
+    # For `caps.own_pass`: what the pass asks the model, appended after the document as a question would be.
+    pass_request: ClassVar[str | None] = None
     # Selection reads only the window's queries and the keys, with one budget for every layer:
     # it can then be captured once per prompt as a CUDA graph and replayed by the other layers.
     graphable: ClassVar[bool] = False

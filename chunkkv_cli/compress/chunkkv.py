@@ -20,14 +20,22 @@ def chunk_scores(token_scores: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return padded.view(*token_scores.shape[:-1], -1, chunk_size).sum(dim=-1)
 
 
-def keep_top_chunks(token_scores: torch.Tensor, chunk_size: int, n_keep: int) -> torch.Tensor:
+def chunk_maxima(token_scores: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Best token score per consecutive chunk, (..., n) -> (..., ceil(n / chunk_size))."""
+    pad = -token_scores.shape[-1] % chunk_size
+    padded = F.pad(token_scores, (0, pad), value=float("-inf"))
+    return padded.view(*token_scores.shape[:-1], -1, chunk_size).amax(dim=-1)
+
+
+def keep_top_chunks(token_scores: torch.Tensor, chunk_size: int, n_keep: int, pool: str = "sum") -> torch.Tensor:
     """Positions of whole top-scoring chunks, exactly `n_keep` per row, in original order.
 
-    Chunks are taken best first; the lowest-ranked chunk taken is cut at its end when the
-    total would overshoot. token_scores: (batch, n) -> (batch, n_keep).
+    A chunk scores the sum (or with pool="max", the best) of its tokens' scores. Chunks are taken best
+    first; the lowest-ranked chunk taken is cut at its end when the total would overshoot.
+    token_scores: (batch, n) -> (batch, n_keep).
     """
     b, n = token_scores.shape
-    scores = chunk_scores(token_scores, chunk_size)
+    scores = chunk_scores(token_scores, chunk_size) if pool == "sum" else chunk_maxima(token_scores, chunk_size)
     n_chunks = scores.shape[-1]
     sizes = (n - chunk_size * torch.arange(n_chunks, device=scores.device)).clamp(max=chunk_size)
     order = scores.argsort(dim=-1, descending=True)

@@ -1,0 +1,88 @@
+"""KVzip: reconstruction scores, chunked selection, budget shapes, and the pass inside prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chunkkv_cli.compress import make_compressor
+from chunkkv_cli.compress.kvzip import attend_and_score, repeat_pieces
+from chunkkv_cli.engine import bottom_right_causal_mask
+from chunkkv_cli.generate import decode, kept_lengths, new_target, prefill
+
+PROMPT_LEN = 157
+
+
+def test_attend_and_score_is_exact_attention_and_the_best_weight_per_document_token():
+    gen = torch.Generator().manual_seed(0)
+    doc_len, n, scaling = 50, 13, 0.25
+    query = torch.randn(2, 4, n, 16, generator=gen)
+    key, value = (torch.randn(2, 2, doc_len + n, 16, generator=gen) for _ in range(2))
+    out, best = attend_and_score(query, key, value, doc_len, scaling, block=4)
+    mask = bottom_right_causal_mask(n, doc_len + n, "cpu")
+    wide_k, wide_v = (t.repeat_interleave(2, dim=1) for t in (key, value))
+    expected = F.scaled_dot_product_attention(query, wide_k, wide_v, attn_mask=mask, scale=scaling)
+    assert torch.allclose(out, expected.transpose(1, 2), atol=1e-5)
+    probs = ((query @ wide_k.transpose(-1, -2)) * scaling).masked_fill(~mask, float("-inf")).softmax(-1)
+    manual = probs[..., :doc_len].amax(dim=2).view(2, 2, 2, doc_len).amax(dim=2)
+    assert torch.allclose(best, manual, atol=1e-6)
+
+
+def test_repeat_pieces_cover_the_prompt_with_the_request_and_an_overlap():
+    ids = torch.arange(100)[None]
+    pieces = list(repeat_pieces(ids, [900, 901], 40))
+    assert [p.shape[1] for p in pieces] == [42, 50, 30]
+    assert pieces[1][0, :2].tolist() == [900, 901] and pieces[1][0, 2].item() == 32
+    assert torch.equal(torch.cat([pieces[0][:, 2:], pieces[1][:, 10:], pieces[2][:, 10:]], dim=1), ids)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(0, 128, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+
+
+def _run(model, prompt, **params):
+    target = new_target(model, make_compressor("kvzip", **params), record=True)
+    pre = prefill(model, prompt, [target], repeat_prompt=[5, 6, 7])
+    return target, pre
+
+
+@pytest.mark.parametrize("heads", ["shared", "each"])
+def test_uniform_budget_keeps_exactly_the_budget_with_sinks_and_window(model, prompt, heads):
+    target, _ = _run(model, prompt, budget=40, window=8, sinks=4, heads=heads, budget_shape="uniform", repeat_chunk=64)
+    assert kept_lengths(target.cache) == [40] * 4
+    for idx in target.kept.values():
+        rows = idx.reshape(-1, 40)
+        for row in rows.tolist():
+            assert len(set(row)) == 40 and set(range(4)) <= set(row) and set(range(PROMPT_LEN - 8, PROMPT_LEN)) <= set(row)
+
+
+def test_adaptive_budget_moves_tokens_between_layers_and_keeps_the_total(model, prompt):
+    target, _ = _run(model, prompt, budget=40, window=8, budget_shape="adaptive", repeat_chunk=64, chunk_size=4)
+    kept = kept_lengths(target.cache)
+    assert len(set(kept)) > 1
+    assert abs(sum(kept) - 4 * 40) <= 4 * 4  # the last chunk in a layer may be cut
+
+
+def test_budget_covering_the_prompt_answers_like_the_full_cache(model, prompt):
+    full = new_target(model, make_compressor("fullkv"))
+    pre = prefill(model, prompt, [full])
+    expected = decode(model, full.cache, pre.logits, PROMPT_LEN, 8)
+    target, pre = _run(model, prompt, budget=10_000)
+    assert torch.equal(decode(model, target.cache, pre.logits, PROMPT_LEN, 8), expected)
+
+
+def test_the_pass_leaves_only_document_tokens_in_the_cache(model, prompt):
+    target, pre = _run(model, prompt, ratio=0.5, budget_shape="uniform")
+    assert kept_lengths(target.cache) == [round(0.5 * PROMPT_LEN)] * 4
+    assert all(int(idx.max()) < PROMPT_LEN for idx in target.kept.values())
+    assert pre.compress_seconds > 0
+
+
+@pytest.mark.parametrize("bad", [{"heads": "some"}, {"budget_shape": "pyramid"}, {"repeat_chunk": 0}])
+def test_bad_parameters_fail_in_one_line(bad):
+    from chunkkv_cli.errors import ChunkKVError
+
+    with pytest.raises(ChunkKVError, match="kvzip"):
+        make_compressor("kvzip", **bad)
