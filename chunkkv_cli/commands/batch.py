@@ -124,10 +124,15 @@ def check_settings(settings) -> None:
 
 
 def check_output(jobs: Path, output: Path) -> None:
-    if not output.parent.is_dir():
-        raise ChunkKVError(f"--output folder does not exist: {output.parent}")
+    """A writable --output that is not the jobs file and, when it exists, holds batch records (read here, so
+    someone else's file is refused before any model work, never rewritten)."""
+    from chunkkv_cli.answers import existing_records
+    from chunkkv_cli.outputs import check_output_file
+
+    check_output_file(output, "--output")
     if output.exists() and jobs.exists() and output.resolve() == jobs.resolve():
         raise ChunkKVError("--output is the jobs file itself; give another path")
+    existing_records(output)
 
 
 class Reporter:

@@ -72,10 +72,11 @@ def bench(
     seqs = _sizes(seq or defaults["seq"])
     reuse = _ints(reuse_layers, "--reuse-layers")
     batches = _batches(batch)
-    decode_tokens = decode_tokens or defaults["decode_tokens"]
-    repeats = repeats or defaults["repeats"]
+    decode_tokens = defaults["decode_tokens"] if decode_tokens is None else decode_tokens
+    repeats = defaults["repeats"] if repeats is None else repeats
     if decode_tokens < 1 or repeats < 1:
         raise ChunkKVError("--decode-tokens and --repeats must be at least 1")
+    _check_outputs(out, plot)
     compressor_args = {"ratio": ratio, "budget": budget, "window": window, "chunk_size": chunk_size,
                        **offload_args(method, offload)}
     compressor_for(method, **compressor_args)  # validate before loading anything
@@ -112,6 +113,15 @@ def bench(
         typer.echo(json.dumps(report, indent=2))
         return
     _render(Console(), report)
+
+
+def _check_outputs(out: Path | None, plot: Path | None) -> None:
+    """Folders for --out and --plot exist and take files before anything is measured (nothing is lost at the end)."""
+    from chunkkv_cli.outputs import check_output_file
+
+    for path, flag in ((out, "--out"), (plot, "--plot")):
+        if path is not None:
+            check_output_file(path, flag, create_folder=True)
 
 
 def _sizes(text: str) -> list[int]:

@@ -102,8 +102,9 @@ def output_path(document: str, output: Path | None) -> Path:
         output = Path(document).with_suffix(".ckv")
     if output.suffix != ".ckv":
         raise ChunkKVError(f"--output must end in .ckv (ask recognises caches by it), got {output}")
-    if not output.parent.is_dir():
-        raise ChunkKVError(f"--output folder does not exist: {output.parent}")
+    from chunkkv_cli.outputs import check_output_file
+
+    check_output_file(output, "--output")
     return output
 
 
