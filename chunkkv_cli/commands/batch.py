@@ -31,6 +31,7 @@ from chunkkv_cli.commands.options import (
     TrustRemoteCodeOpt,
     WindowOpt,
     check_decoder,
+    check_sampling,
 )
 from chunkkv_cli.errors import ChunkKVError
 
@@ -120,6 +121,7 @@ def check_settings(settings) -> None:
     if settings.reuse_layers < 1:
         raise ChunkKVError("--reuse-layers must be at least 1")
     check_decoder(settings.decoder)
+    check_sampling(settings.temperature, settings.top_p)
     require_reusable(make_compressor(settings.method, ratio=settings.ratio, budget=settings.budget, window=settings.window), "batch")
 
 

@@ -119,6 +119,7 @@ def compress_text(loaded, text, compressor, reuse_layers, limit, truncate, progr
 
     progress.update(task, description="tokenising", total=None)
     ids = fit_prefix_to_context(loaded.tokenizer, text, limit, truncate)
+    ask_cmd.warn_small_budget(progress.console, compressor, len(ids))
     n_layers = loaded.model.config.num_hidden_layers
     progress.update(task, description=f"prefill + {compressor.name}", total=n_layers, completed=0)
     return compress_prefix(loaded.model, ids, compressor, reuse_layers, on_layer=lambda _: progress.advance(task))
