@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -137,10 +138,21 @@ def load_profile(spec: str) -> Profile:
         return profile_from_yaml(path)
     if path.is_dir():
         return profile_from_hf_folder(path)
+    if _looks_like_hub_id(spec):
+        local = f"~/models/{spec.rsplit('/', 1)[-1]}"
+        raise ChunkKVError(
+            f"unknown model '{spec}': that looks like a Hugging Face Hub id, and chunkkv downloads nothing; "
+            f"fetch it once (hf download {spec} --local-dir {local}) and pass --model {local}"
+        )
     names = ", ".join(profile_names()) or f"none in {profiles_dir()}"
     raise ChunkKVError(
         f"unknown model '{spec}': use a profile name ({names}), a .yaml profile, a Hugging Face folder or a .gguf file"
     )
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """owner/name, as on the Hub, and no such local path."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec) is not None and not Path(spec).expanduser().exists()
 
 
 def profile_from_yaml(path: Path) -> Profile:

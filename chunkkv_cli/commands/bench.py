@@ -83,7 +83,7 @@ def bench(
     err = Console(stderr=True)
     if torch_device.type == "cpu":
         err.print("[yellow]no GPU: timing on the CPU at small lengths; GPU figures need a CUDA device[/]")
-    loaded = load_model(model or defaults["model"], str(torch_device), dtype, random_weights=random_weights)
+    loaded = load_model(model or defaults["model"], str(torch_device), dtype, random_weights=random_weights, allow_random=True)
     _check_lengths(seqs, loaded.profile, random=loaded.tokenizer is None, console=err)
     default_decoders = "hf,fast" if torch_device.type == "cuda" and not offload else "hf"
     decoders = _decoders(decoder or default_decoders, torch_device)
