@@ -48,7 +48,7 @@ def compress(
     document: Annotated[str, typer.Argument(help="Text or markdown file, or - for standard input.")],
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", help="The cache file to write, ending in .ckv [default: DOCUMENT.ckv]."),
+        typer.Option("--output", "-o", help="The cache file to write, ending in .ckv.", show_default="DOCUMENT.ckv"),
     ] = None,
     model: ModelOpt = DEFAULT_MODEL,
     method: MethodOpt = Method.chunkkv,

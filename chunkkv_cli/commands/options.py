@@ -20,7 +20,7 @@ ModelOpt = Annotated[
 ]
 RatioOpt = Annotated[
     Optional[float],
-    typer.Option("--ratio", "-r", help="Fraction of context tokens kept, in (0, 1]: 0.1 keeps 10 % of the KV cache [default: 0.1 unless --budget]."),
+    typer.Option("--ratio", "-r", help="Fraction of context tokens kept, in (0, 1]: 0.1 keeps 10 % of the KV cache.", show_default="0.1 unless --budget"),
 ]
 BudgetOpt = Annotated[
     Optional[int],
