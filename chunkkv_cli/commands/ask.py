@@ -53,7 +53,7 @@ EXAMPLES = """[b]Examples[/b]
 
   chunkkv ask samples/lighthouse.md "Who repaired the lens?" --method clusterkv --budget 1024
 
-  chunkkv ask samples/lighthouse.md --questions questions.txt --ratio 0.2 --json
+  chunkkv ask samples/lighthouse.md --questions samples/questions.txt --ratio 0.2 --json
 """
 
 
