@@ -72,10 +72,7 @@ def bench(
     seqs = _sizes(seq or defaults["seq"])
     reuse = _ints(reuse_layers, "--reuse-layers")
     batches = _batches(batch)
-    decode_tokens = defaults["decode_tokens"] if decode_tokens is None else decode_tokens
-    repeats = defaults["repeats"] if repeats is None else repeats
-    if decode_tokens < 1 or repeats < 1:
-        raise ChunkKVError("--decode-tokens and --repeats must be at least 1")
+    decode_tokens, repeats = _counts(decode_tokens, repeats, defaults)
     _check_outputs(out, plot)
     compressor_args = {"ratio": ratio, "budget": budget, "window": window, "chunk_size": chunk_size,
                        **offload_args(method, offload)}
@@ -113,6 +110,15 @@ def bench(
         typer.echo(json.dumps(report, indent=2))
         return
     _render(Console(), report)
+
+
+def _counts(decode_tokens: int | None, repeats: int | None, defaults: dict) -> tuple[int, int]:
+    """The device's defaults where not given; a given 0 is an error, not a default."""
+    decode_tokens = defaults["decode_tokens"] if decode_tokens is None else decode_tokens
+    repeats = defaults["repeats"] if repeats is None else repeats
+    if decode_tokens < 1 or repeats < 1:
+        raise ChunkKVError("--decode-tokens and --repeats must be at least 1")
+    return decode_tokens, repeats
 
 
 def _check_outputs(out: Path | None, plot: Path | None) -> None:
