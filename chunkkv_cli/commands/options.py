@@ -66,7 +66,7 @@ def check_sampling(temperature: float, top_p: float) -> None:
 def small_budget_warning(compressor, n_tokens: int) -> str | None:
     """A warning when the method would keep fewer tokens than its observation window (the output is then noise)."""
     window = getattr(compressor, "window", None)
-    if compressor.name in ("fullkv", "clusterkv") or window is None:
+    if not compressor.caps.evicts or window is None:
         return None
     n_kept = compressor.kept_tokens(n_tokens)
     if n_kept >= min(window, n_tokens):
