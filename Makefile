@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 QUESTION ?= What was the name of the schooner that struck the Harrow Rocks in October 1868?
 
-.PHONY: setup demo test test-fast clean
+# The oldest transformers the pin admits: CI runs the fast tests under it too (5.24 renamed the forward's cache argument).
+OLDEST_TRANSFORMERS ?= transformers==5.17.*
+OLDEST := $(VENV)-oldest
+
+.PHONY: setup demo test test-fast test-oldest clean
 
 setup: $(VENV)/.installed
 
@@ -27,5 +31,16 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# A venv that sees .venv's packages through a .pth file but has its own, older transformers (no second torch).
+$(OLDEST)/.installed: $(VENV)/.installed
+	python3 -m venv $(OLDEST)
+	$(PY) -c 'import site; print(site.getsitepackages()[0])' > "$$($(OLDEST)/bin/python -c 'import site; print(site.getsitepackages()[0])')/main-venv.pth"
+	$(OLDEST)/bin/python -m pip install -q "$(OLDEST_TRANSFORMERS)"
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -c 'import transformers; print("transformers", transformers.__version__)'
+	$(OLDEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(OLDEST) *.egg-info

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.outputs import TEMP_SUFFIX, temp_prefix
 
 
 def parts_dir(output: Path) -> Path:
@@ -25,14 +26,21 @@ def part_path(output: Path, rank: int, world: int) -> Path:
     return parts_dir(output) / f"rank-{rank}-of-{world}.jsonl"
 
 
-def read_records(path: Path) -> list[dict]:
-    """The records of one JSONL file; a last line without its newline (a torn write) is ignored."""
+def read_records(path: Path, torn_ok: bool = True) -> list[dict]:
+    """The records of one JSONL file; a last line without its newline (a torn write) is ignored when `torn_ok`.
+
+    ANSWERS itself is only ever written whole, so there such a line means the file is someone else's.
+    """
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ChunkKVError(f"{path} is not UTF-8, so not batch output; use another --output") from None
     except OSError as err:
         raise ChunkKVError(f"cannot read {path}: {err.strerror}") from err
     lines = text.split("\n")
-    complete, _torn = lines[:-1], lines[-1]
+    complete, torn = lines[:-1], lines[-1]
+    if torn.strip() and not torn_ok:
+        raise ChunkKVError(f"{path} does not end like batch output (its last line has no newline); use another --output")
     records = []
     for line_no, line in enumerate(complete, start=1):
         if not line.strip():
@@ -51,11 +59,10 @@ def existing_records(output: Path) -> list[dict]:
     """Records of earlier runs: ANSWERS first, then every part file (any rank count), oldest first."""
     if output.is_dir():
         raise ChunkKVError(f"--output is a directory: {output}")
-    files = [output] if output.exists() else []
+    records = read_records(output, torn_ok=False) if output.exists() else []
     folder = parts_dir(output)
-    if folder.is_dir():
-        files += sorted(folder.glob("rank-*-of-*.jsonl"))
-    return [record for path in files for record in read_records(path)]
+    parts = sorted(folder.glob("rank-*-of-*.jsonl")) if folder.is_dir() else []
+    return records + [record for path in parts for record in read_records(path)]
 
 
 def latest(records: list[dict]) -> dict[str, dict]:
@@ -126,7 +133,7 @@ def merge(output: Path, job_ids: list[str]) -> dict[str, int]:
 
 def write_atomically(path: Path, text: str) -> None:
     """A temporary file in the target folder, fsynced, renamed into place: never a partial file under `path`."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)

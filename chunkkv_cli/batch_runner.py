@@ -163,5 +163,6 @@ def read_text(path: Path) -> str:
 
 def fields(result, prefill_tokens: int) -> dict:
     """A pipeline Answer as the fields of a batch record."""
-    values = result.as_dict()
-    return {"answer": values.pop("text"), **values, "prefill_tokens": prefill_tokens}
+    from chunkkv_cli.commands.ask import answer_fields
+
+    return {**answer_fields(result), "prefill_tokens": prefill_tokens}

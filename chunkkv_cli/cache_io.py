@@ -23,6 +23,7 @@ import torch
 
 from chunkkv_cli import __version__
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.outputs import TEMP_SUFFIX, temp_prefix
 from chunkkv_cli.reuse import CompressedPrefix
 
 FORMAT = "chunkkv-cache"
@@ -136,7 +137,7 @@ def save(path: str | Path, prefix: CompressedPrefix, meta: dict) -> int:
     tensors = _tensors(prefix)
     meta = {**meta, "digest": content_digest(meta, tensors)}
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=TEMP_SUFFIX)
     except OSError as err:
         raise ChunkKVError(f"cannot write in {path.parent}: {err.strerror or err}") from err
     os.close(fd)

@@ -9,19 +9,62 @@ from typing import Annotated, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from chunkkv_cli import __version__
 from chunkkv_cli.errors import ChunkKVError
 
+_stderr = Console(stderr=True)
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+# Click's UsageError, from whichever click Typer uses (recent Typer vendors its own copy).
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _OneLineUsageErrors:
+    """Click's usage errors (an unknown option or choice, a word where a number belongs) as one line, like every
+    other error, instead of a boxed usage panel."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # the help text itself, for a bare `chunkkv`
+                raise
+            _usage_error(err)
+
+
+def _usage_error(err) -> None:
+    where = err.ctx.command_path if err.ctx is not None else "chunkkv"
+    _stderr.print(f"[bold red]error:[/] {escape(err.format_message())} (see {where} --help)",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+    raise typer.Exit(2) from None
+
+
+class Group(_OneLineUsageErrors, TyperGroup):
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as err:
+            _usage_error(err)
+
+
+class Command(_OneLineUsageErrors, TyperCommand):
+    pass
+
+
 app = typer.Typer(
     name="chunkkv",
     help="Long-document inference with a compressed KV cache (ChunkKV and baselines).",
+    cls=Group,
+    context_settings=CONTEXT_SETTINGS,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     add_completion=False,
 )
-_stderr = Console(stderr=True)
 
 
 def _fail(message: str, code: int) -> None:
@@ -82,7 +125,7 @@ def _register() -> None:
         ("eval", eval_cmd.eval_command, eval_cmd.EXAMPLES),
         ("batch", batch.batch, batch.EXAMPLES),
     ]:
-        app.command(name, epilog=epilog)(friendly_errors(fn))
+        app.command(name, epilog=epilog, cls=Command, context_settings=CONTEXT_SETTINGS)(friendly_errors(fn))
 
 
 _register()

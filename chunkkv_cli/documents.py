@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 from pathlib import Path
@@ -27,13 +28,22 @@ def read_document(path: str) -> str:
     return _checked_text(data, path)
 
 
+# Longest first: the UTF-32 LE mark starts with the UTF-16 LE one.
+_BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)  # fmt: skip
+
+
 def _checked_text(data: bytes, name: str) -> str:
-    if b"\x00" in data[:65536]:
+    encoding = next((enc for bom, enc in _BYTE_ORDER_MARKS if data.startswith(bom)), None)
+    if encoding is None and b"\x00" in data[:65536]:
         raise ChunkKVError(f"{name} looks binary (it contains NUL bytes); give a text or markdown file")
     try:
-        text = data.decode("utf-8")
+        text = data.decode(encoding or "utf-8")
     except UnicodeDecodeError as err:
-        raise ChunkKVError(f"{name} is not UTF-8 text (bad byte at offset {err.start})") from err
+        what = f"{encoding.upper()} text, as its byte-order mark says" if encoding else "UTF-8 text"
+        raise ChunkKVError(f"{name} is not {what} (bad byte at offset {err.start})") from err
     if not text.strip():
         raise ChunkKVError(f"{name} is empty")
     return text
@@ -68,8 +78,16 @@ def _fit(tokenizer, document: str, build, limit: int, truncate: bool, what: str)
             "use a shorter document or --truncate"
         )
     doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-    keep = max(0, len(doc_ids) - (len(ids) - limit))
-    return build(tokenizer.decode(doc_ids[:keep]))[:limit]
+    keep = len(doc_ids) - (len(ids) - limit)
+    while keep > 0:
+        ids = build(tokenizer.decode(doc_ids[:keep]))
+        if len(ids) <= limit:
+            return ids
+        keep -= len(ids) - limit  # decoding then re-encoding can merge tokens differently: cut again
+    raise ChunkKVError(
+        f"{what.format(n=len(build('')))} without any of the document, and the model's context leaves room for "
+        f"{limit}: ask a shorter question or lower --max-new-tokens"
+    )
 
 
 # A saved cache holds the prompt up to the question: the prefix below. Placeholder questions find where it

@@ -70,16 +70,49 @@ def load_model(
     dtype: str | None = None,
     random_weights: bool = False,
     trust_remote_code: bool = False,
+    allow_random: bool = False,
 ) -> Loaded:
-    """Model + tokenizer for a profile name or path, with the compressing attention installed."""
+    """Model + tokenizer for a profile name or path, with the compressing attention installed.
+
+    A profile without weights builds random ones only with `random_weights` or `allow_random` (bench);
+    anywhere else that would answer with noise, after allocating the full model.
+    """
     profile = load_profile(spec)
+    if profile.weights == "none" and not (random_weights or allow_random):
+        raise ChunkKVError(no_weights_message(profile))
     torch_device, device_map = placement(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if random_weights or profile.weights == "none":
         return Loaded(build_random_model(profile, torch_device, torch_dtype), None, profile, torch_device)
     folder = weights_folder(profile)
+    check_safetensors(folder)
     model, tokenizer = _from_folder(folder, torch_device, torch_dtype, trust_remote_code, device_map)
     return Loaded(model, tokenizer, profile, torch_device)
+
+
+def no_weights_message(profile: Profile) -> str:
+    local = f"~/models/{profile.hf_id.rsplit('/', 1)[-1]}"
+    return (
+        f"profile {profile.name} names no local weights (it holds {profile.hf_id}'s shape only) and chunkkv downloads "
+        f"nothing: give --model a local Hugging Face folder or .gguf file, e.g. --model {local}"
+    )
+
+
+# Formats torch.load reads by unpickling, which can run code hidden in the file.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors(folder: Path) -> None:
+    """Weights load from safetensors only; a folder with pickle files alone is refused by name."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ChunkKVError(
+            f"{folder} holds pickle weights ({pickles[0]}), which can run code when loaded; chunkkv loads "
+            "safetensors only: convert them (e.g. save_pretrained(..., safe_serialization=True)) and retry"
+        )
+    raise ChunkKVError(f"no *.safetensors weights in {folder}")
 
 
 def weights_folder(profile: Profile) -> Path:
@@ -94,11 +127,19 @@ def weights_folder(profile: Profile) -> Path:
     return converted_gguf(source)
 
 
+# In the converted folder's name, so a folder from an earlier layout (fp32, before v2) is never taken for this one.
+CONVERTED_LAYOUT = "fp16-v2"
+
+
 def converted_gguf(gguf_file: Path) -> Path:
-    """Dequantise a GGUF once into safetensors under the cache dir; later loads skip the conversion."""
-    target = cache_dir() / f"{gguf_file.stem}-{gguf_file.stat().st_size}"
+    """Dequantise a GGUF once into fp16 safetensors under the cache dir; later loads skip the conversion.
+
+    fp16, not bf16: the dequantised values (4-bit codes times fp16 scales) keep 3 more mantissa bits.
+    """
+    target = cache_dir() / f"{gguf_file.stem}-{gguf_file.stat().st_size}-{CONVERTED_LAYOUT}"
     if (target / "config.json").exists():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
@@ -109,6 +150,7 @@ def converted_gguf(gguf_file: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model = model.to(torch.float16)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -137,17 +138,30 @@ def load_profile(spec: str) -> Profile:
         return profile_from_yaml(path)
     if path.is_dir():
         return profile_from_hf_folder(path)
+    if _looks_like_hub_id(spec):
+        local = f"~/models/{spec.rsplit('/', 1)[-1]}"
+        raise ChunkKVError(
+            f"unknown model '{spec}': that looks like a Hugging Face Hub id, and chunkkv downloads nothing; "
+            f"fetch it once (hf download {spec} --local-dir {local}) and pass --model {local}"
+        )
     names = ", ".join(profile_names()) or f"none in {profiles_dir()}"
     raise ChunkKVError(
         f"unknown model '{spec}': use a profile name ({names}), a .yaml profile, a Hugging Face folder or a .gguf file"
     )
 
 
+def _looks_like_hub_id(spec: str) -> bool:
+    """owner/name, as on the Hub, and no such local path."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec) is not None and not Path(spec).expanduser().exists()
+
+
 def profile_from_yaml(path: Path) -> Profile:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ChunkKVError(f"profile {path} is not UTF-8 text (bad byte at offset {err.start})") from None
     except OSError as err:
         raise ChunkKVError(f"cannot read profile {path}: {err.strerror or err}") from None
     except yaml.YAMLError as err:
@@ -218,6 +232,10 @@ def profile_from_hf_folder(folder: Path) -> Profile:
         raise ChunkKVError(f"{folder} is not a Hugging Face model folder: no readable config.json") from None
     except json.JSONDecodeError as err:
         raise ChunkKVError(f"invalid JSON in {config_path} at line {err.lineno}: {err.msg}") from None
+    except UnicodeDecodeError:
+        raise ChunkKVError(f"{config_path} is not UTF-8 text") from None
+    if not isinstance(config, dict):
+        raise ChunkKVError(f"{config_path} must be a JSON object of model settings, got {type(config).__name__}")
     family = config.get("model_type")
     if family not in FAMILIES:
         raise ChunkKVError(f"{config_path}: model_type '{family}' is not supported (use one of {', '.join(FAMILIES)})")
@@ -227,7 +245,7 @@ def profile_from_hf_folder(folder: Path) -> Profile:
             raise ChunkKVError(f"{config_path} has no '{key}'")
         return config[key]
 
-    heads = required("num_attention_heads")
+    heads = _positive_int(required("num_attention_heads"), "num_attention_heads", config_path)
     theta, scaling = _hf_rope(config)
     data = {
         "name": folder.resolve().name,
@@ -236,7 +254,7 @@ def profile_from_hf_folder(folder: Path) -> Profile:
         "num_layers": required("num_hidden_layers"),
         "num_attention_heads": heads,
         "num_kv_heads": config.get("num_key_value_heads") or heads,
-        "head_dim": config.get("head_dim") or required("hidden_size") // heads,
+        "head_dim": config.get("head_dim") or _positive_int(required("hidden_size"), "hidden_size", config_path) // heads,
         "hidden_size": required("hidden_size"),
         "intermediate_size": required("intermediate_size"),
         "vocab_size": required("vocab_size"),
@@ -253,9 +271,19 @@ def profile_from_hf_folder(folder: Path) -> Profile:
     return profile_from_dict(data, str(config_path))
 
 
+def _positive_int(value, key: str, config_path: Path) -> int:
+    """A count that other fields are derived from, checked before it divides anything."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ChunkKVError(f"{config_path}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
 def _hf_rope(config: dict) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from a config.json in the transformers 5 or 4 layout."""
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ChunkKVError(f"config.json: rope_parameters must be a JSON object, got {type(rope).__name__}")
+    rope = dict(rope)
     theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     return theta, ({"rope_type": rope_type, **rope} if rope_type != "default" else None)

@@ -67,7 +67,7 @@ def test_bench_cli_json_has_reuse_and_no_reuse_rows(model, monkeypatch):
     from chunkkv_cli import model as model_module
     from chunkkv_cli.profiles import load_profile
 
-    def fake_load(spec, device, dtype=None, random_weights=False, trust_remote_code=False):
+    def fake_load(spec, device, dtype=None, random_weights=False, trust_remote_code=False, allow_random=False):
         return model_module.Loaded(model, None, load_profile("smollm2-135m"), "cpu")
 
     monkeypatch.setattr(model_module, "load_model", fake_load)

@@ -217,7 +217,7 @@ def test_ask_saved_cache_equals_compress_and_ask_in_one_process(model, use_model
     one = json_of(cli("ask", out, QUESTIONS[1], "--max-new-tokens", "12", "--json"))
     assert [r["question"] for r in together] == QUESTIONS
     assert [r["answer"] for r in together] == [r["answer"] for r in from_file]
-    assert one["text"] == together[1]["answer"] and one["new_tokens"] == 12 and one["cache"] == str(out)
+    assert one["answer"] == together[1]["answer"] and one["new_tokens"] == 12 and one["cache"] == str(out)
 
 
 def test_saved_cache_answers_match_the_library_tokens(model, use_model, files):
@@ -229,7 +229,7 @@ def test_saved_cache_answers_match_the_library_tokens(model, use_model, files):
     tok = Tokenizer()
     prefix = compress_in_process(model, prefix_ids(tok, DOC), make_compressor("chunkkv", ratio=0.3, window=8))
     expected = tok.decode(question_tokens(model, prefix, question_ids(tok, QUESTIONS[0]), 12)[0].tolist())
-    assert json_of(cli("ask", out, QUESTIONS[0], "--max-new-tokens", "12", "--json"))["text"] == expected
+    assert json_of(cli("ask", out, QUESTIONS[0], "--max-new-tokens", "12", "--json"))["answer"] == expected
 
 
 def test_questions_table_and_jsonl_file(model, use_model, files):

@@ -99,7 +99,7 @@ def test_batch_question_aware_answers_like_ask(tiny_loaded, jobs, tmp_path):  # 
     single = cli("ask", tmp_path / "mill.txt", "What is ground on Tuesdays?", *OPTIONS, "--json")
     assert single.exit_code == 0, single.output
     report = json.loads(single.stdout[single.stdout.index("{"):])
-    assert rows["m1"]["answer"] == report["text"] and rows["m1"]["prefill_tokens"] == report["prompt_tokens"]
+    assert rows["m1"]["answer"] == report["answer"] and rows["m1"]["prefill_tokens"] == report["prompt_tokens"]
     assert rows["m1"]["settings"]["question_aware"] is True
 
 

@@ -301,7 +301,7 @@ def test_cli_offload_cpu_shrinks_the_device_cache_and_is_clusterkv_only(tiny_loa
         assert result.exit_code == 0, result.output
         reports[extra] = json.loads(result.stdout[result.stdout.index("{"):])
     on_device, offloaded = reports[()], reports[("--offload", "cpu")]
-    assert offloaded["text"] == on_device["text"]
+    assert offloaded["answer"] == on_device["answer"]
     # layers 0-1 of the tiny model's 4 stay whole (full_layers=2); layers 2-3 keep only sinks + new tokens
     assert offloaded["kept_kv_bytes"] < 0.6 * on_device["kept_kv_bytes"]
     one_line_error(invoke(doc, "Who?", "--offload", "cpu"), "--offload is for methods that recall tokens at decode time (clusterkv)")

@@ -20,10 +20,15 @@ def embedded():
 
 
 def test_embedded_gguf_is_converted_once_into_the_cache(embedded):
+    from safetensors import safe_open
+
     from chunkkv_cli.model import weights_folder
 
     folder = weights_folder(embedded.profile)
     assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+    assert folder.name.endswith("-fp16-v2")  # an older fp32 conversion is never mistaken for this one
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F16"}
     assert embedded.model.config.num_hidden_layers == 30 and embedded.model.config.num_key_value_heads == 3
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from chunkkv_cli.compress import METHODS, make_compressor
-from chunkkv_cli.engine import Target
+from chunkkv_cli.engine import Target, cache_argument
 from chunkkv_cli.generate import cache_bytes, decode, kept_lengths, new_target, prefill
 
 PROMPT_LEN = 157
@@ -103,10 +103,10 @@ def test_positions_matter_after_compression(model, prompt):
     pre = prefill(model, prompt, [target])
     token = pre.logits.argmax(-1)[:, None]
     snapshot = [(l.keys.clone(), l.values.clone()) for l in target.cache.layers]
-    right = model(input_ids=token, past_key_values=target.cache, position_ids=torch.full((2, 1), PROMPT_LEN)).logits
+    right = model(input_ids=token, **{cache_argument(model): target.cache}, position_ids=torch.full((2, 1), PROMPT_LEN)).logits
     for layer, (k, v) in zip(target.cache.layers, snapshot):
         layer.keys, layer.values = k, v
-    wrong = model(input_ids=token, past_key_values=target.cache).logits
+    wrong = model(input_ids=token, **{cache_argument(model): target.cache}).logits
     assert not torch.allclose(right, wrong)
 
 
@@ -153,10 +153,10 @@ def test_multi_token_append_after_compression_is_causal(model, prompt):
 
     extra = torch.tensor([[5, 9], [7, 3]])
     pos = torch.tensor([[PROMPT_LEN, PROMPT_LEN + 1]] * 2)
-    both = model(input_ids=extra, past_key_values=fresh(), position_ids=pos).logits[:, -1]
+    both = model(input_ids=extra, **{cache_argument(model): fresh()}, position_ids=pos).logits[:, -1]
     cache = fresh()
-    model(input_ids=extra[:, :1], past_key_values=cache, position_ids=pos[:, :1])
-    second = model(input_ids=extra[:, 1:], past_key_values=cache, position_ids=pos[:, 1:]).logits[:, -1]
+    model(input_ids=extra[:, :1], **{cache_argument(model): cache}, position_ids=pos[:, :1])
+    second = model(input_ids=extra[:, 1:], **{cache_argument(model): cache}, position_ids=pos[:, 1:]).logits[:, -1]
     torch.testing.assert_close(both, second, rtol=1e-4, atol=1e-4)
 
 

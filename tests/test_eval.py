@@ -367,7 +367,7 @@ def test_eval_needle_json_and_files(tiny_cli, tmp_path):
     assert results["samples"] == 4 and set(results["ranking"]["0.2"]) == {"chunkkv", "streamingllm", "fullkv"}
     assert json.loads((out / "results.json").read_text())["table"] == results["table"]
     assert len((out / "records.jsonl").read_text().splitlines()) == 12
-    assert (out / "needle-chunkkv.png").exists()
+    assert (out / "needle.png").exists()
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,8 @@ from chunkkv_cli.commands.options import (
     require_reusable,
     DecoderOpt,
     check_decoder,
+    check_sampling,
+    small_budget_warning,
     offload_args,
     DEFAULT_MODEL,
     BudgetOpt,
@@ -51,7 +53,7 @@ EXAMPLES = """[b]Examples[/b]
 
   chunkkv ask samples/lighthouse.md "Who repaired the lens?" --method clusterkv --budget 1024
 
-  chunkkv ask samples/lighthouse.md --questions questions.txt --ratio 0.2 --json
+  chunkkv ask samples/lighthouse.md --questions samples/questions.txt --ratio 0.2 --json
 """
 
 
@@ -105,6 +107,7 @@ def ask(
     if reuse_layers < 1:
         raise ChunkKVError("--reuse-layers must be at least 1")
     check_decoder(decoder)
+    check_sampling(temperature, top_p)
     asked = _questions(question, questions)
     generation = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, decoder=decoder)
     if document.endswith(".ckv"):
@@ -135,6 +138,7 @@ def _ask_text(text, question, load, compressor, reuse_layers, truncate, json_out
         progress.update(task, description="tokenising")
         limit = loaded.profile.max_context - max_new_tokens
         ids = _fit(loaded.tokenizer, text, question, limit, truncate)
+        warn_small_budget(err, compressor, len(ids))
         n_layers = loaded.model.config.num_hidden_layers
         progress.update(task, description=f"prefill + {compressor.name}", total=n_layers, completed=0)
 
@@ -148,11 +152,24 @@ def _ask_text(text, question, load, compressor, reuse_layers, truncate, json_out
             on_layer, json_out, generation["decoder"],
         )  # fmt: skip
     if json_out:
-        typer.echo(json.dumps({"method": compressor.name, "model": loaded.profile.name, **result.as_dict()}, indent=2))
+        report = {"method": compressor.name, "model": loaded.profile.name, **answer_fields(result)}
+        typer.echo(json.dumps(report, indent=2))
         return
     sys.stdout.write("\n")
     sys.stdout.flush()
     err.print(_summary(result), highlight=False)
+
+
+def answer_fields(result) -> dict:
+    """An answer's JSON fields, the same names in every command: the answer's text is `answer`."""
+    values = result.as_dict()
+    return {"answer": values.pop("text"), **values}
+
+
+def warn_small_budget(console: Console, compressor, n_tokens: int) -> None:
+    message = small_budget_warning(compressor, n_tokens)
+    if message:
+        console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def _read(document: str) -> str:
@@ -234,6 +251,8 @@ def _questions(question: str | None, questions_file: Path | None) -> list[str]:
         return read_questions(str(questions_file))
     if question is None:
         raise ChunkKVError("give a question after the document, or --questions FILE")
+    if not question.strip():
+        raise ChunkKVError("the question is empty; give the question to answer after the document")
     return [question]
 
 
@@ -336,7 +355,7 @@ def _answer_one_cached(loaded, prefix, ids, label, json_out, generation) -> None
     on_text = None if json_out else _emit
     result = answer_question(loaded.model, loaded.tokenizer, prefix, ids, on_text=on_text, **generation)
     if json_out:
-        typer.echo(json.dumps({**label, **result.as_dict()}, indent=2))
+        typer.echo(json.dumps({**label, **answer_fields(result)}, indent=2))
         return
     sys.stdout.write("\n")
     sys.stdout.flush()

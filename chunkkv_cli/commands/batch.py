@@ -31,6 +31,7 @@ from chunkkv_cli.commands.options import (
     TrustRemoteCodeOpt,
     WindowOpt,
     check_decoder,
+    check_sampling,
 )
 from chunkkv_cli.errors import ChunkKVError
 
@@ -120,14 +121,20 @@ def check_settings(settings) -> None:
     if settings.reuse_layers < 1:
         raise ChunkKVError("--reuse-layers must be at least 1")
     check_decoder(settings.decoder)
+    check_sampling(settings.temperature, settings.top_p)
     require_reusable(make_compressor(settings.method, ratio=settings.ratio, budget=settings.budget, window=settings.window), "batch")
 
 
 def check_output(jobs: Path, output: Path) -> None:
-    if not output.parent.is_dir():
-        raise ChunkKVError(f"--output folder does not exist: {output.parent}")
+    """A writable --output that is not the jobs file and, when it exists, holds batch records (read here, so
+    someone else's file is refused before any model work, never rewritten)."""
+    from chunkkv_cli.answers import existing_records
+    from chunkkv_cli.outputs import check_output_file
+
+    check_output_file(output, "--output")
     if output.exists() and jobs.exists() and output.resolve() == jobs.resolve():
         raise ChunkKVError("--output is the jobs file itself; give another path")
+    existing_records(output)
 
 
 class Reporter:

@@ -39,23 +39,23 @@ CPU_DEFAULTS = {"model": "smollm2-135m", "seq": "1k", "decode_tokens": 16, "repe
 
 
 def bench(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Profile or path [default: llama3-8b on GPU, smollm2-135m on CPU].")] = None,
-    seq: Annotated[Optional[str], typer.Option(help="Prompt lengths, comma-separated (e.g. 8k,32k) [default: 8k,32k on GPU, 1k on CPU].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Profile or path.", show_default="llama3-8b on GPU, smollm2-135m on CPU")] = None,
+    seq: Annotated[Optional[str], typer.Option(help="Prompt lengths, comma-separated (e.g. 8k,32k).", show_default="8k,32k on GPU, 1k on CPU")] = None,
     method: Annotated[str, typer.Option(help="Compression method compared with fullkv.")] = "chunkkv",
     ratio: RatioOpt = None,
     budget: BudgetOpt = None,
     reuse_layers: Annotated[str, typer.Option(help="Reuse group sizes to time, comma-separated; 1 (no reuse) is always added.")] = "2",
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated; 'max' searches the largest that fits.")] = "1",
-    decode_tokens: Annotated[Optional[int], typer.Option(help="Decode steps timed [default: 128 on GPU, 16 on CPU].")] = None,
+    decode_tokens: Annotated[Optional[int], typer.Option(help="Decode steps timed.", show_default="128 on GPU, 16 on CPU")] = None,
     repeats: Annotated[Optional[int], typer.Option(help="Timed runs per row (median reported), after one warm-up.")] = None,
-    decoder: Annotated[Optional[str], typer.Option(help="Decoders to time, comma-separated: hf, fast, compiled [default: hf,fast on a GPU, hf on the CPU].")] = None,
+    decoder: Annotated[Optional[str], typer.Option(help="Decoders to time, comma-separated: hf, fast, compiled.", show_default="hf,fast on a GPU, hf on the CPU")] = None,
     offload: OffloadOpt = None,
     share_prompt: Annotated[bool, typer.Option(help="Prefill one sequence and copy its cache to the whole --batch (decode timing where a batched prefill would not fit; prefill figures are then per sequence).")] = False,
     random_weights: Annotated[bool, typer.Option(help="Random weights of the profile's shape (default when it has no weights).")] = False,
     window: WindowOpt = 32,
     chunk_size: ChunkSizeOpt = 10,
     device: DeviceOpt = "auto",
-    dtype: Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32 [default: bf16 on GPU, fp32 on CPU].")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32.", show_default="bf16 on GPU, fp32 on CPU")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Also write the JSON results to this file.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Draw latency and throughput vs reuse layers to this PNG.")] = None,
     json_out: JsonOpt = False,
@@ -72,17 +72,15 @@ def bench(
     seqs = _sizes(seq or defaults["seq"])
     reuse = _ints(reuse_layers, "--reuse-layers")
     batches = _batches(batch)
-    decode_tokens = decode_tokens or defaults["decode_tokens"]
-    repeats = repeats or defaults["repeats"]
-    if decode_tokens < 1 or repeats < 1:
-        raise ChunkKVError("--decode-tokens and --repeats must be at least 1")
+    decode_tokens, repeats = _counts(decode_tokens, repeats, defaults)
+    _check_outputs(out, plot)
     compressor_args = {"ratio": ratio, "budget": budget, "window": window, "chunk_size": chunk_size,
                        **offload_args(method, offload)}
     compressor_for(method, **compressor_args)  # validate before loading anything
     err = Console(stderr=True)
     if torch_device.type == "cpu":
         err.print("[yellow]no GPU: timing on the CPU at small lengths; GPU figures need a CUDA device[/]")
-    loaded = load_model(model or defaults["model"], str(torch_device), dtype, random_weights=random_weights)
+    loaded = load_model(model or defaults["model"], str(torch_device), dtype, random_weights=random_weights, allow_random=True)
     _check_lengths(seqs, loaded.profile, random=loaded.tokenizer is None, console=err)
     default_decoders = "hf,fast" if torch_device.type == "cuda" and not offload else "hf"
     decoders = _decoders(decoder or default_decoders, torch_device)
@@ -112,6 +110,24 @@ def bench(
         typer.echo(json.dumps(report, indent=2))
         return
     _render(Console(), report)
+
+
+def _counts(decode_tokens: int | None, repeats: int | None, defaults: dict) -> tuple[int, int]:
+    """The device's defaults where not given; a given 0 is an error, not a default."""
+    decode_tokens = defaults["decode_tokens"] if decode_tokens is None else decode_tokens
+    repeats = defaults["repeats"] if repeats is None else repeats
+    if decode_tokens < 1 or repeats < 1:
+        raise ChunkKVError("--decode-tokens and --repeats must be at least 1")
+    return decode_tokens, repeats
+
+
+def _check_outputs(out: Path | None, plot: Path | None) -> None:
+    """Folders for --out and --plot exist and take files before anything is measured (nothing is lost at the end)."""
+    from chunkkv_cli.outputs import check_output_file
+
+    for path, flag in ((out, "--out"), (plot, "--plot")):
+        if path is not None:
+            check_output_file(path, flag, create_folder=True)
 
 
 def _sizes(text: str) -> list[int]:
@@ -177,43 +193,44 @@ def _render(console: Console, report: dict) -> None:
 
 
 def _table(seq: int, kind: str, rows: list[dict]) -> Table:
+    """Ten short columns that fit 100 terminal columns; every other figure is in --json."""
     title = f"{seq:,} tokens · {'largest batch that fits' if kind == 'max' else 'fixed batch'}"
-    table = Table(title=title, title_justify="left")
-    for name in ("method", "batch", "prefill s", "compress ms", "decode ms/tok (floor)", "tok/s", "end-to-end s",
-                 "peak prefill", "peak decode", "KV", "vs fullkv", "vs no reuse"):
+    table = Table(title=title, title_justify="left", caption=BENCH_CAPTION, caption_justify="left",
+                  box=None, header_style="bold underline", pad_edge=False, collapse_padding=True)  # fmt: skip
+    for name in ("method", "batch", "TTFT\ns", "compress\nms (share)", "ms/token\n(floor)", "tok/s", "peak GiB\npre/dec",
+                 "KV\nGiB", "tok/s\nvs full", "TTFT vs\nreuse 1"):
         table.add_column(name, justify="left" if name == "method" else "right")
     for r in rows:
-        if "prefill_s" not in r:
-            table.add_row(_label(r), "0", *["—"] * 10)
-            continue
-        floor = r.get("floor_ms_per_token")
-        table.add_row(
-            _label(r),
-            str(r["batch"]),
-            f"{r['prefill_s']:.3f}",
-            f"{1000 * r['compress_s']:.1f} ({r['compress_s'] / r['prefill_s']:.1%})",
-            f"{r['decode_ms_per_token']:.2f}" + (f" ({floor:.2f})" if floor else ""),
-            f"{r['decode_tokens_per_s']:.0f}",
-            f"{r['e2e_s']:.2f}",
-            _gib(r["peak_prefill_bytes"]),
-            _gib(r["peak_decode_bytes"]),
-            _gib(r["kv_bytes"]),
-            _versus(r["vs_fullkv"]) if r["method"] != REFERENCE else "—",
-            _versus(r["vs_no_reuse"]) if r["reuse_layers"] > 1 else "—",
-        )
+        table.add_row(*_cells(r))
     return table
 
 
+BENCH_CAPTION = "More figures (end-to-end time, decoder setup, bandwidth, ratios) with --json."
+
+
+def _cells(r: dict) -> list[str]:
+    if "prefill_s" not in r:
+        return [_label(r), "0", *["—"] * 8]
+    floor = r.get("floor_ms_per_token")
+    vs_full, vs_reuse = r.get("vs_fullkv"), r.get("vs_no_reuse")
+    return [
+        _label(r),
+        str(r["batch"]),
+        f"{r['prefill_s']:.3f}",
+        f"{1000 * r['compress_s']:.1f} ({r['compress_s'] / r['prefill_s']:.1%})",
+        f"{r['decode_ms_per_token']:.2f}" + (f" ({floor:.2f})" if floor else ""),
+        f"{r['decode_tokens_per_s']:.0f}",
+        f"{_gib(r['peak_prefill_bytes'], 1)}/{_gib(r['peak_decode_bytes'], 1)}",
+        _gib(r["kv_bytes"]),
+        f"×{vs_full['decode_tokens_per_s']:.2f}" if vs_full and r["method"] != REFERENCE else "—",
+        f"×{vs_reuse['prefill']:.3f}" if vs_reuse and r["reuse_layers"] > 1 else "—",
+    ]
+
+
 def _label(row: dict) -> str:
-    reuse = f" reuse {row['reuse_layers']}" if row["method"] != REFERENCE else ""
-    return f"{row['method']}{reuse} ({row.get('decoder', 'hf')})"
+    reuse = f" r{row['reuse_layers']}" if row["method"] != REFERENCE else ""
+    return f"{row['method']}{reuse} {row.get('decoder', 'hf')}"
 
 
-def _versus(ratios: dict | None) -> str:
-    if not ratios:
-        return "—"
-    return f"TTFT ×{ratios['prefill']:.3f} · e2e ×{ratios['e2e_latency']:.3f} · tok/s ×{ratios['decode_tokens_per_s']:.2f}"
-
-
-def _gib(n) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+def _gib(n, digits: int = 2) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.{digits}f}"

@@ -48,7 +48,7 @@ def compress(
     document: Annotated[str, typer.Argument(help="Text or markdown file, or - for standard input.")],
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", help="The cache file to write, ending in .ckv [default: DOCUMENT.ckv]."),
+        typer.Option("--output", "-o", help="The cache file to write, ending in .ckv.", show_default="DOCUMENT.ckv"),
     ] = None,
     model: ModelOpt = DEFAULT_MODEL,
     method: MethodOpt = Method.chunkkv,
@@ -102,8 +102,9 @@ def output_path(document: str, output: Path | None) -> Path:
         output = Path(document).with_suffix(".ckv")
     if output.suffix != ".ckv":
         raise ChunkKVError(f"--output must end in .ckv (ask recognises caches by it), got {output}")
-    if not output.parent.is_dir():
-        raise ChunkKVError(f"--output folder does not exist: {output.parent}")
+    from chunkkv_cli.outputs import check_output_file
+
+    check_output_file(output, "--output")
     return output
 
 
@@ -118,6 +119,7 @@ def compress_text(loaded, text, compressor, reuse_layers, limit, truncate, progr
 
     progress.update(task, description="tokenising", total=None)
     ids = fit_prefix_to_context(loaded.tokenizer, text, limit, truncate)
+    ask_cmd.warn_small_budget(progress.console, compressor, len(ids))
     n_layers = loaded.model.config.num_hidden_layers
     progress.update(task, description=f"prefill + {compressor.name}", total=n_layers, completed=0)
     return compress_prefix(loaded.model, ids, compressor, reuse_layers, on_layer=lambda _: progress.advance(task))

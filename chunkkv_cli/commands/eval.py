@@ -131,12 +131,34 @@ def eval_command(
         task_name, data, haystack, needle_triple(needle, needle_question, needle_answer), limit, seed,
         parse_lengths(lengths), depth_list(depths),
     )
+    check_out(out, settings)
     err = Console(stderr=True)
     with err.status("loading model", spinner="dots") if err.is_terminal else nullcontext():
         loaded = _load(model, device)
     samples = make_samples(raw, loaded.tokenizer, loaded.profile.max_context - settings.max_new_tokens)
     results = _run(loaded, samples, settings, out, err)
     _report(results, err, json_out)
+
+
+def check_out(out: Path, settings) -> None:
+    """--out is a writable folder whose earlier settings (if any) match, before the model loads."""
+    from chunkkv_cli.eval.runner import check_settings
+    from chunkkv_cli.outputs import check_writable_folder, make_folder
+
+    make_folder(out, "--out")
+    check_writable_folder(out, "--out")
+    check_settings(out, settings)
+
+
+def file_source(path: Path) -> dict:
+    """A data file as part of the resume identity: its path and its content's sha256 (an edited file is new data)."""
+    import hashlib
+
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as err:
+        raise ChunkKVError(f"cannot read {path}: {err.strerror or err}") from None
+    return {"data": str(path), "sha256": digest}
 
 
 def parse_methods(text: str, task: str) -> list[str]:
@@ -252,7 +274,8 @@ def read_task_data(task, data, haystack, needle, limit, seed, lengths, depths) -
     if task == "needle" or (task == "similarity" and data is None and not _bundled_available()):
         raw.task, raw.needle = "needle", needle
         raw.haystack = _read_text(haystack) if haystack is not None else None
-        return raw, {"haystack": str(haystack) if haystack else f"generated (seed {seed})", "needle": list(needle)}
+        where = {"haystack": file_source(haystack)} if haystack else {"haystack": f"generated (seed {seed})"}
+        return raw, {**where, "needle": list(needle)}
     if task in ("longqa", "similarity"):
         items, source = _qa_items(task, data)
         raw.items = items[:limit]
@@ -293,9 +316,9 @@ def _qa_items(task: str, data: Path | None):
         items = [ev.QA(f"lighthouse-{i}", document, r["question"], r["answers"]) for i, r in enumerate(questions, 1)]
         return items, {"data": "samples/lighthouse.md + samples/questions.jsonl"}
     if data.suffix == ".jsonl":
-        return ev.read_longqa(data), {"data": str(data)}
+        return ev.read_longqa(data), file_source(data)
     text = _read_text(data)
-    return [ev.QA(data.stem, text, "What is this document about?", [""])], {"data": str(data)}
+    return [ev.QA(data.stem, text, "What is this document about?", [""])], file_source(data)
 
 
 def _problems(data: Path | None, n_questions: int, max_length: int, seed: int):
@@ -310,7 +333,7 @@ def _problems(data: Path | None, n_questions: int, max_length: int, seed: int):
     if len(problems) < 2:
         raise ChunkKVError(f"{data} needs at least two problems: one to ask, others as examples")
     n_questions = min(n_questions, len(problems) - 1)
-    return problems[:n_questions], problems[n_questions:], {"data": str(data)}
+    return problems[:n_questions], problems[n_questions:], file_source(data)
 
 
 def _run(loaded, samples, settings, out: Path, err: Console) -> dict:

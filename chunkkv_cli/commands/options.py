@@ -20,7 +20,7 @@ ModelOpt = Annotated[
 ]
 RatioOpt = Annotated[
     Optional[float],
-    typer.Option("--ratio", "-r", help="Fraction of context tokens kept, in (0, 1]: 0.1 keeps 10 % of the KV cache [default: 0.1 unless --budget]."),
+    typer.Option("--ratio", "-r", help="Fraction of context tokens kept, in (0, 1]: 0.1 keeps 10 % of the KV cache.", show_default="0.1 unless --budget"),
 ]
 BudgetOpt = Annotated[
     Optional[int],
@@ -54,6 +54,26 @@ def check_decoder(decoder: str) -> None:
 
     if decoder not in DECODERS:
         raise ChunkKVError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """--temperature is a finite number >= 0 and --top-p a fraction in (0, 1]; NaN fails both comparisons."""
+    if not (0 <= temperature < float("inf")):
+        raise ChunkKVError(f"--temperature must be 0 (greedy) or a positive number, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise ChunkKVError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def small_budget_warning(compressor, n_tokens: int) -> str | None:
+    """A warning when the method would keep fewer tokens than its observation window (the output is then noise)."""
+    window = getattr(compressor, "window", None)
+    if not compressor.caps.evicts or window is None:
+        return None
+    n_kept = compressor.kept_tokens(n_tokens)
+    if n_kept >= min(window, n_tokens):
+        return None
+    return (f"keeping {n_kept} of {n_tokens} prompt tokens, fewer than the {window}-token observation window: "
+            "answers will be poor; raise --ratio or --budget, or lower --window")
+
 
 MaxNewTokensOpt = Annotated[int, typer.Option(help="Most tokens to generate per answer.")]
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy; above 0 samples.")]

@@ -51,14 +51,17 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     file = Path(path)
     if not file.is_file():
         raise ChunkKVError(f"--data file not found: {path}")
-    with file.open(encoding="utf-8") as lines:
-        for line_no, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            record = json_line(line, f"{path}:{line_no}")
-            if not isinstance(record, dict):
-                raise ChunkKVError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            yield line_no, record
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ChunkKVError(f"{path} is not UTF-8 text (bad byte at offset {err.start})") from None
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        record = json_line(line, f"{path}:{line_no}")
+        if not isinstance(record, dict):
+            raise ChunkKVError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+        yield line_no, record
 
 
 def read_longqa(path: str | Path) -> list[QA]:

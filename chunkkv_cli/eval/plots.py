@@ -43,23 +43,25 @@ def _length_label(tokens: int) -> str:
 
 
 def needle_heatmaps(results: dict, out: Path) -> list[Path]:
-    """One PNG per method: depth (rows) x context length (columns), one panel per ratio, green = found."""
+    """One PNG, a row of panels per method (one panel per ratio): depth (rows) x context length (columns), green = found."""
     plt = _pyplot()
     needle = results["needle"]
-    lengths, depths = needle["lengths"], needle["depths"]
-    files = []
-    for method, by_ratio in needle["grid"].items():
-        width = 1.8 + (1.0 + 0.9 * len(lengths)) * len(by_ratio)
-        fig, axes = plt.subplots(1, len(by_ratio), figsize=(width, 3.6), squeeze=False, sharey=True, layout="constrained")
-        for ax, (ratio, rows) in zip(axes[0], by_ratio.items()):
+    lengths, depths, grid = needle["lengths"], needle["depths"], needle["grid"]
+    n_cols = max(len(by_ratio) for by_ratio in grid.values())
+    width = 1.8 + (1.0 + 0.9 * len(lengths)) * n_cols
+    fig, axes = plt.subplots(len(grid), n_cols, figsize=(width, 0.6 + 3.0 * len(grid)), squeeze=False, sharey=True,
+                             layout="constrained")  # fmt: skip
+    for row_axes, (method, by_ratio) in zip(axes, grid.items()):
+        for ax in row_axes[len(by_ratio):]:
+            ax.set_visible(False)  # the reference (full cache) has one point; other methods one per ratio
+        for ax, (ratio, rows) in zip(row_axes, by_ratio.items()):
             image = _needle_panel(ax, rows, lengths, depths)
-            ax.set_ylabel("needle depth" if ax is axes[0][0] else "")
+            ax.set_ylabel(f"{method}\nneedle depth" if ax is row_axes[0] else "")
             title = "full cache" if method == REFERENCE else f"ratio {ratio}"
-            ax.set_title(f"{title}: {_found(rows)}", fontsize=10)
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="needle found")
-        fig.suptitle(f"Needle in a haystack: {method} ({results['model']})", fontsize=11)
-        files.append(_save(plt, fig, out / f"needle-{method}.png"))
-    return files
+            ax.set_title(f"{method}, {title}: {_found(rows)}", fontsize=10)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="needle found")
+    fig.suptitle(f"Needle in a haystack ({results['model']})", fontsize=11)
+    return [_save(plt, fig, out / "needle.png")]
 
 
 def _needle_panel(ax, rows, lengths, depths):

@@ -104,7 +104,10 @@ class RecordStore:
             self._load()
 
     def _load(self) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ChunkKVError(f"{self.path} is not UTF-8, so not eval records; use another --out") from None
         for line_no, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -135,7 +138,7 @@ def check_settings(out: Path, settings: Settings) -> None:
     path = Path(out) / SETTINGS_FILE
     mine = settings.identity()
     if path.exists():
-        theirs = json.loads(path.read_text(encoding="utf-8"))
+        theirs = read_settings(path)
         changed = [SETTING_FLAGS[k] for k in mine if theirs.get(k) != mine[k]]
         if changed:
             raise ChunkKVError(
@@ -145,6 +148,18 @@ def check_settings(out: Path, settings: Settings) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(mine, indent=2) + "\n", encoding="utf-8")
+
+
+def read_settings(path: Path) -> dict:
+    """An --out folder's settings.json; anything but a JSON object is refused, never overwritten."""
+    try:
+        theirs = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = getattr(err, "strerror", None) or "not valid JSON"
+        raise ChunkKVError(f"{path}: {reason}; use another --out, or delete it to start over") from None
+    if not isinstance(theirs, dict):
+        raise ChunkKVError(f"{path} is not a settings object; use another --out, or delete it to start over")
+    return theirs
 
 
 def run_grid(
