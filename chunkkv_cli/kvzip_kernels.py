@@ -85,12 +85,12 @@ if triton is not None:
         cols = block * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
         k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + dims[None, :],
                     mask=cols[:, None] < doc_len, other=0.0)  # fmt: skip
-        best = tl.zeros([BLOCK_KEYS], tl.float32)
+        # exp is monotonic: the best log-weight per key is kept and exponentiated once at the end.
+        best = tl.full([BLOCK_KEYS], float("-inf"), tl.float32)
         q_base = Q + b * stride_qb + h * stride_qh
         for r0 in range(0, rows, BLOCK_ROWS):
             r = r0 + tl.arange(0, BLOCK_ROWS)
             q = tl.load(q_base + r[:, None] * stride_qn + dims[None, :], mask=r[:, None] < rows, other=0.0)
             lse = tl.load(LSE + seq_head * rows + r, mask=r < rows, other=float("inf"))
-            weights = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
-            best = tl.maximum(best, tl.max(weights, 0))
-        tl.store(OUT + seq_head * doc_len + cols, best, mask=cols < doc_len)
+            best = tl.maximum(best, tl.max(tl.dot(q, tl.trans(k)) * scale - lse[:, None], 0))
+        tl.store(OUT + seq_head * doc_len + cols, tl.exp(best), mask=cols < doc_len)

@@ -19,9 +19,12 @@ import torch
 from transformers import DynamicCache
 
 from chunkkv_cli.compress import Compressor
+from chunkkv_cli.compress.base import gather_tokens
 from chunkkv_cli.documents import pass_request_ids
 from chunkkv_cli.engine import forward, store_layer, use_compressing_attention
-from chunkkv_cli.generate import decode, new_target, prefill, synchronize
+from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.route import Route
+from chunkkv_cli.generate import cache_bytes, decode, kept_lengths, new_target, prefill, synchronize
 from chunkkv_cli.pipeline import Answer, stream_answer
 
 
@@ -90,20 +93,45 @@ def cache_copy(model, prefix: CompressedPrefix) -> DynamicCache:
 
 
 @torch.inference_mode()
-def append(model, cache, ids: list[int], start_pos: int) -> torch.Tensor:
+def append(model, cache, ids: list[int], start_pos: int, route=None) -> torch.Tensor:
     """Feed `ids` in one forward at positions start_pos, start_pos + 1, ...; returns the last logits (1, vocab)."""
     use_compressing_attention(model)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     positions = torch.arange(start_pos, start_pos + len(ids), device=device)[None]
-    out = forward(model, input_ids, cache, positions, last_only=True)
+    out = forward(model, input_ids, cache, positions, route=route, last_only=True)
     return out.logits[:, -1].float()
 
 
-def with_question(model, prefix: CompressedPrefix, question_ids: list[int]):
-    """A copy of `prefix` with the question appended: (cache, last logits, position of the first answer token)."""
+class Narrowing(Route):
+    """A question appended to a stored cache re-selects the stored tokens, with the question as the window.
+
+    A cache compressed without its question (kept generously) is cut further per question by a method
+    that scores from window queries (`caps.window_queries`): after each layer's attention, the question's
+    queries score the stored tokens and only `n_keep` of them stay, beside the question's own.
+    """
+
+    def __init__(self, compressor: Compressor, cache, n_keep: int):
+        if not (compressor.caps.prefill_select and compressor.caps.window_queries):
+            raise ChunkKVError(f"{compressor.name} cannot narrow a stored cache (it does not score from window queries)")
+        self.compressor, self.cache, self.n_keep = compressor, cache, n_keep
+
+    def after_attention(self, layer_idx, query, key, value, scaling):
+        q_len = query.shape[2]
+        if key.shape[2] - q_len <= self.n_keep:
+            return
+        idx = self.compressor.select_tokens(query, key, self.n_keep + q_len, q_len, scaling)
+        store_layer(self.cache, layer_idx, gather_tokens(key, idx), gather_tokens(value, idx))
+
+
+def with_question(model, prefix: CompressedPrefix, question_ids: list[int], narrow: Compressor | None = None):
+    """A copy of `prefix` with the question appended: (cache, last logits, position of the first answer token).
+
+    `narrow`: a window-scoring method that keeps only its share of the document (of `prefix_len`) per layer.
+    """
     cache = cache_copy(model, prefix)
-    logits = append(model, cache, question_ids, prefix.prefix_len)
+    route = None if narrow is None else Narrowing(narrow, cache, narrow.kept_tokens(prefix.prefix_len))
+    logits = append(model, cache, question_ids, prefix.prefix_len, route)
     return cache, logits, prefix.prefix_len + len(question_ids)
 
 
@@ -123,27 +151,30 @@ def answer_question(
     temperature: float = 0.0,
     top_p: float = 1.0,
     decoder: str = "hf",
+    narrow: Compressor | None = None,
 ) -> Answer:
     """One question from its own copy of the compressed prefix, streamed through `on_text`.
 
     prefill_seconds is the question's append alone; compress_seconds is 0 (the prefix was compressed before).
+    `narrow` re-selects the stored tokens with the question as the window (see `Narrowing`).
     """
     device = next(model.parameters()).device
     synchronize(device)
     start = time.perf_counter()
-    cache, logits, start_pos = with_question(model, prefix, question_ids)
+    cache, logits, start_pos = with_question(model, prefix, question_ids, narrow)
     synchronize(device)
     appended = time.perf_counter() - start
+    kept = [n - len(question_ids) for n in kept_lengths(cache)]  # after narrowing, if any
+    kept_bytes = prefix.kept_bytes() if narrow is None else cache_bytes(cache)
     text, new_tokens, decode_seconds = stream_answer(
         model, tokenizer, cache, logits, start_pos, max_new_tokens, on_text, temperature, top_p, decoder
     )
-    kept = prefix.kept_lengths()
     return Answer(
         text=text,
         prompt_tokens=start_pos,
         kept_tokens=sum(kept) / len(kept),
         full_kv_bytes=prefix.full_bytes,
-        kept_kv_bytes=prefix.kept_bytes(),
+        kept_kv_bytes=kept_bytes,
         prefill_seconds=appended,
         compress_seconds=0.0,
         decode_seconds=decode_seconds,

@@ -86,3 +86,24 @@ def test_bad_parameters_fail_in_one_line(bad):
 
     with pytest.raises(ChunkKVError, match="kvzip"):
         make_compressor("kvzip", **bad)
+
+
+def test_a_stored_cache_narrowed_by_the_question_keeps_its_share_and_the_question(model):
+    from chunkkv_cli.reuse import compress_prefix, with_question
+    from chunkkv_cli.generate import kept_lengths as lengths
+
+    ids = torch.randint(0, 128, (120,), generator=torch.Generator().manual_seed(4)).tolist()
+    prefix = compress_prefix(model, ids, make_compressor("kvzip", ratio=0.5, budget_shape="uniform"))
+    narrow = make_compressor("chunkkv", ratio=0.2, window=8)
+    cache, logits, start = with_question(model, prefix, [1, 2, 3, 4], narrow)
+    assert lengths(cache) == [round(0.2 * 120) + 4] * 4 and start == 124
+    same, _, _ = with_question(model, prefix, [1, 2, 3, 4], make_compressor("chunkkv", ratio=0.9))
+    assert lengths(same) == [60 + 4] * 4  # asking for more than is stored keeps what is stored
+
+
+def test_narrowing_refuses_a_method_that_needs_every_query(model):
+    from chunkkv_cli.errors import ChunkKVError
+    from chunkkv_cli.reuse import Narrowing
+
+    with pytest.raises(ChunkKVError, match="h2o cannot narrow"):
+        Narrowing(make_compressor("h2o"), None, 10)

@@ -17,6 +17,7 @@ class Capabilities:
     """What a method needs and when it acts; the engine, decoders and commands ask these, never a name.
 
     prefill_select: chooses tokens while each layer is prefilled, from its queries and keys (`select_tokens`).
+    window_queries: scores from the last `window` queries alone, so a later question's queries can be the window.
     own_pass: needs a scoring pass of its own over the document after it is prefilled (`score_pass`).
     per_step: keeps everything and selects what to attend at every decode step (`decode_route`).
     per_head: kept tokens (and budgets) differ between KV heads.
@@ -26,6 +27,7 @@ class Capabilities:
     """
 
     prefill_select: bool = False
+    window_queries: bool = False
     own_pass: bool = False
     per_step: bool = False
     per_head: bool = False

@@ -81,7 +81,7 @@ class ChunkKV(Compressor):
     pool_kernel: int = 7
 
     name: ClassVar[str] = "chunkkv"
-    caps: ClassVar[Capabilities] = Capabilities(prefill_select=True)
+    caps: ClassVar[Capabilities] = Capabilities(prefill_select=True, window_queries=True)
     graphable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

@@ -22,7 +22,7 @@ class SnapKV(Compressor):
     pool_kernel: int = 7
 
     name: ClassVar[str] = "snapkv"
-    caps: ClassVar[Capabilities] = Capabilities(prefill_select=True, per_head=True)
+    caps: ClassVar[Capabilities] = Capabilities(prefill_select=True, window_queries=True, per_head=True)
     graphable: ClassVar[bool] = True
 
     def select_tokens(self, query, key, n_kept, window, scaling):

@@ -24,7 +24,7 @@ class StreamingLLM(Compressor):
     sinks: int = 4
 
     name: ClassVar[str] = "streamingllm"
-    caps: ClassVar[Capabilities] = Capabilities(prefill_select=True, question_agnostic=True)
+    caps: ClassVar[Capabilities] = Capabilities(prefill_select=True, window_queries=True, question_agnostic=True)
 
     def select_tokens(self, query, key, n_kept, window, scaling):
         kv_len = key.shape[2]
