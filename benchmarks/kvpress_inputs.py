@@ -14,7 +14,7 @@ Reproduce (from this repository's root; the main venv has chunkkv installed, the
     # 3. kvpress venv and run: see the docstring of benchmarks/kvpress_kvzip.py
     # 4. scores (main venv)
     PYTHONPATH=$PWD /work/main/.venv/bin/python benchmarks/kvpress_inputs.py score \
-        --inputs /tmp/kvpress_inputs.json --predictions /tmp/kvpress_pred_lighthouse.json \
+        --inputs /tmp/kvpress_inputs.json --predictions /tmp/kvpress_pred_lighthouse*.json \
         --out benchmarks/results/kvpress_kvzip_lighthouse.json
     (same with the needle predictions -> benchmarks/results/kvpress_kvzip_needle.json)
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -79,13 +80,16 @@ def _text(tok, ids: list[int], stops: set[int]) -> str:
     return tok.decode(kept, skip_special_tokens=True).strip()
 
 
-def score(inputs: Path, predictions: Path, out: Path) -> None:
+def score(inputs: Path, predictions: list[Path], out: Path) -> None:
     from transformers import AutoTokenizer
 
     from chunkkv_cli.eval.scoring import contains_value, substring_match, token_f1
 
     data = json.loads(inputs.read_text())
-    pred = json.loads(predictions.read_text())
+    parts = [json.loads(p.read_text()) for p in predictions]  # runs of several kvpress_kvzip.py calls, merged
+    pred = {k: v for part in parts for k, v in part.items() if k not in ("runs", "command", "docs_done")}
+    pred["commands"] = [part["command"] for part in parts]
+    pred["runs"] = [run for part in parts for run in part["runs"]]
     tok = AutoTokenizer.from_pretrained(data["model_folder"], local_files_only=True)
     stops = set(data["eos_ids"])
     rows = []
@@ -108,6 +112,18 @@ def score(inputs: Path, predictions: Path, out: Path) -> None:
         rows.append(row)
         metric = f"{row['correct']}/{row['n']} F1 {row['f1']}" if "f1" in row else f"{row['found']}/{row['n']}"
         print(f"{row['method']:28} kept {row['kept']:<4} {metric}")
+    if pred["task"] == "lighthouse":
+        plain = [t for r in rows if r["method"] == "fullkv" for t in r["prefill_s"]]
+        plain += pred.get("timing", {}).get("plain_prefill_s", [])
+        kvzip = sorted({t for r in rows if r["method"].startswith("kvzip") for t in r["prefill_s"]})
+        pred["timing_summary"] = {
+            "prefix_tokens": len(data["lighthouse"]["prefix"]), "plain_prefill_s": plain,
+            "kvzip_prefill_and_score_s": kvzip, "plain_median_s": round(statistics.median(plain), 1),
+            "kvzip_median_s": round(statistics.median(kvzip), 1),
+            "kvzip_over_plain": round(statistics.median(kvzip) / statistics.median(plain), 2),
+            "note": "every KVzipPress prefill + reconstruction pass and every plain prefill of the lighthouse prefix in "
+                    "these runs, 1 torch thread on a shared 2-core CPU (load average ~6 from other jobs)",
+        }  # fmt: skip
     report = {k: v for k, v in pred.items() if k != "runs"} | {
         "scoring": "chunkkv_cli/eval/scoring.py (" + ("substring_match, token_f1" if pred["task"] == "lighthouse"
                                                       else "contains_value") + ")",
@@ -126,7 +142,7 @@ def main() -> None:
     b.add_argument("--depths", type=int, default=5)
     s = sub.add_parser("score", help="decode and score a kvpress_kvzip.py predictions file")
     s.add_argument("--inputs", type=Path, required=True)
-    s.add_argument("--predictions", type=Path, required=True)
+    s.add_argument("--predictions", type=Path, nargs="+", required=True)
     s.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.cmd == "build":
