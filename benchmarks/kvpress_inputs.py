@@ -106,11 +106,16 @@ def score(inputs: Path, predictions: list[Path], out: Path) -> None:
         else:
             samples = data["needle"]["samples"]
             found = [contains_value(t, s["value"]) for t, s in zip(texts, samples)]
+            by_length = {}
+            for sample, f in zip(samples, found):
+                by_length.setdefault(str(sample["length"]), []).append(f)
             row |= {"found": int(sum(found)), "n": len(found), "found_pct": round(100 * sum(found) / len(found), 1),
+                    "found_by_length": {k: f"{int(sum(v))}/{len(v)}" for k, v in by_length.items()},
                     "answers": [{"id": s["id"], "length": s["length"], "depth": s["depth"], "answer": t, "found": f}
                                 for s, t, f in zip(samples, texts, found)]}  # fmt: skip
         rows.append(row)
-        metric = f"{row['correct']}/{row['n']} F1 {row['f1']}" if "f1" in row else f"{row['found']}/{row['n']}"
+        metric = (f"{row['correct']}/{row['n']} F1 {row['f1']}" if "f1" in row
+                  else f"{row['found']}/{row['n']} {row['found_by_length']}")  # fmt: skip
         print(f"{row['method']:28} kept {row['kept']:<4} {metric}")
     if pred["task"] == "lighthouse":
         plain = [t for r in rows if r["method"] == "fullkv" for t in r["prefill_s"]]
