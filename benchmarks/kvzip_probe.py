@@ -26,12 +26,13 @@ full = new_target(model, make_compressor("fullkv"))
 t = time.perf_counter()
 prefill(model, ids, [full])
 t1 = time.perf_counter()
-cached = Path("/tmp/kvzip_scores.pt")
+normalize = json.loads(sys.argv[1]).get("normalize", "local")
+cached = Path(f"/tmp/kvzip_scores_{normalize}.pt")
 if cached.exists():
     scores = torch.load(cached)
 else:
-    with torch.inference_mode():
-        scores = reconstruction_scores(model, full.cache, ids, pass_request_ids(tok, make_compressor("kvzip")), 2048, 512)
+    comp = make_compressor("kvzip", normalize=normalize)
+    scores = reconstruction_scores(model, full.cache, ids, pass_request_ids(tok, comp), comp)
     torch.save(scores, cached)
 print(f"prefill {t1 - t:.1f}s, pass {time.perf_counter() - t1:.1f}s", flush=True)
 keys = [l.keys for l in full.cache.layers]

@@ -2,7 +2,7 @@
 
     python benchmarks/profile_kvzip.py --seq 32768 --piece 2048      # llama3-8b attention shape, bf16
 Prints milliseconds per call (CUDA events, median of 20 after warm-up) for the flash parts, the merge,
-the score kernel (a few tile/warp settings), and the whole GPU attend_and_score; and the same per pass
+the full-normalisation score kernel, the local scores, and the whole GPU attention; and the same per pass
 (x pieces x layers) against a causal flash prefill of the whole sequence in one layer, x layers.
 """
 
@@ -14,6 +14,7 @@ import json
 import torch
 
 from chunkkv_cli import kvzip_kernels
+from chunkkv_cli.compress.kvzip import local_scores
 
 
 def ms(fn, iters=20) -> float:
@@ -51,7 +52,8 @@ def main() -> None:
         "doc_flash": ms(lambda: kvzip_kernels._flash(folded, k[:, :, :L], v[:, :, :L], False, scale)),
         "own_flash": ms(lambda: kvzip_kernels._flash(q, k[:, :, L:].repeat_interleave(g, 1), v[:, :, L:].repeat_interleave(g, 1), True, scale)),
         "scores": ms(lambda: kvzip_kernels.best_weights(folded, k[:, :, :L], lse, scale)),
-        "attend_and_score": ms(lambda: kvzip_kernels.attend_and_score(q, k, v, L, scale)),
+        "attend": ms(lambda: kvzip_kernels.attend(q, k, v, L, scale)),
+        "local_scores": ms(lambda: local_scores(q, k, L, (0, n), 4, scale, 512)),
         "cache_cat": ms(lambda: torch.cat([k[:, :, :L], k[:, :, L:]], dim=2)),
     }
     qf = torch.randn(1, hq, L, d, device=dev, dtype=dt)

@@ -34,8 +34,12 @@ def _flash(query, key, value, causal: bool, scale: float):
     return out[0], out[1]
 
 
-def attend_and_score(query, key, value, doc_len: int, scale: float):
-    """The GPU twin of `compress.kvzip.attend_and_score` (same arguments and results, no block size)."""
+def attend(query, key, value, doc_len: int, scale: float):
+    """Causal attention of a repeat piece (the last n rows of key/value are its own) over the document and itself.
+
+    query (b, q_heads, n, d); key/value (b, kv_heads, doc_len + n, d). Returns the output (b, n, q_heads, d) and
+    each query's log-sum-exp over all it attends to, (b, kv_heads, group * n) fp32, rows ordered as `folded`.
+    """
     b, q_heads, n, d = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -47,8 +51,7 @@ def attend_and_score(query, key, value, doc_len: int, scale: float):
     lse = torch.logaddexp(doc_lse, own_lse)
     weight_doc = torch.exp(doc_lse - lse)[..., None]
     merged = doc_out.float() * weight_doc + own_out.reshape(b, kv_heads, group * n, d).float() * (1 - weight_doc)
-    output = merged.to(query.dtype).reshape(b, q_heads, n, d).transpose(1, 2).contiguous()
-    return output, best_weights(folded, key[:, :, :doc_len], lse, scale)
+    return merged.to(query.dtype).reshape(b, q_heads, n, d).transpose(1, 2).contiguous(), lse
 
 
 def best_weights(folded: torch.Tensor, doc_keys: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:

@@ -7,31 +7,53 @@ import torch
 import torch.nn.functional as F
 
 from chunkkv_cli.compress import make_compressor
-from chunkkv_cli.compress.kvzip import attend_and_score, repeat_pieces
+from chunkkv_cli.compress.kvzip import attend_with_lse, full_scores, local_scores, repeat_pieces
 from chunkkv_cli.engine import bottom_right_causal_mask
 from chunkkv_cli.generate import decode, kept_lengths, new_target, prefill
 
 PROMPT_LEN = 157
 
 
-def test_attend_and_score_is_exact_attention_and_the_best_weight_per_document_token():
+def _reference(query, key, doc_len, scaling):
+    """Softmax probabilities of every piece query over everything, (b, kv_heads, group, n, kv_len), causal."""
+    n = query.shape[2]
+    mask = bottom_right_causal_mask(n, key.shape[2], "cpu")
+    wide_k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    probs = ((query @ wide_k.transpose(-1, -2)) * scaling).masked_fill(~mask, float("-inf")).softmax(-1)
+    return probs.view(query.shape[0], key.shape[1], -1, n, key.shape[2])
+
+
+def test_the_pass_attention_is_exact_and_full_scores_are_the_best_weight_per_document_token():
     gen = torch.Generator().manual_seed(0)
     doc_len, n, scaling = 50, 13, 0.25
     query = torch.randn(2, 4, n, 16, generator=gen)
     key, value = (torch.randn(2, 2, doc_len + n, 16, generator=gen) for _ in range(2))
-    out, best = attend_and_score(query, key, value, doc_len, scaling, block=4)
-    mask = bottom_right_causal_mask(n, doc_len + n, "cpu")
+    out, _ = attend_with_lse(query, key, value, doc_len, scaling, True)
     wide_k, wide_v = (t.repeat_interleave(2, dim=1) for t in (key, value))
+    mask = bottom_right_causal_mask(n, doc_len + n, "cpu")
     expected = F.scaled_dot_product_attention(query, wide_k, wide_v, attn_mask=mask, scale=scaling)
     assert torch.allclose(out, expected.transpose(1, 2), atol=1e-5)
-    probs = ((query @ wide_k.transpose(-1, -2)) * scaling).masked_fill(~mask, float("-inf")).softmax(-1)
-    manual = probs[..., :doc_len].amax(dim=2).view(2, 2, 2, doc_len).amax(dim=2)
-    assert torch.allclose(best, manual, atol=1e-6)
+    manual = _reference(query, key, doc_len, scaling)[..., :doc_len].amax(dim=(2, 3))
+    assert torch.allclose(full_scores(query, key, None, doc_len, scaling, block=4), manual, atol=1e-6)
+
+
+def test_local_scores_normalise_over_the_sinks_the_stretch_and_the_piece():
+    gen = torch.Generator().manual_seed(2)
+    doc_len, n, scaling, sinks, span = 60, 9, 0.3, 3, (20, 35)
+    query = torch.randn(1, 6, n, 16, generator=gen)
+    key = torch.randn(1, 2, doc_len + n, 16, generator=gen)
+    keep = torch.cat([torch.arange(sinks), torch.arange(*span), torch.arange(doc_len, doc_len + n)])
+    local = key[:, :, keep]
+    manual = _reference(query, local, local.shape[2] - n, scaling)[..., sinks : sinks + 15].amax(dim=(2, 3))
+    got = local_scores(query, key, doc_len, span, sinks, scaling, block=4)
+    assert got.shape == (1, 2, 15) and torch.allclose(got, manual, atol=1e-6)
 
 
 def test_repeat_pieces_cover_the_prompt_with_the_request_and_an_overlap():
     ids = torch.arange(100)[None]
     pieces = list(repeat_pieces(ids, [900, 901], 40))
+    assert [(start, end) for _, start, end in pieces] == [(0, 40), (40, 80), (80, 100)]
+    pieces = [p for p, _, _ in pieces]
     assert [p.shape[1] for p in pieces] == [42, 50, 30]
     assert pieces[1][0, :2].tolist() == [900, 901] and pieces[1][0, 2].item() == 32
     assert torch.equal(torch.cat([pieces[0][:, 2:], pieces[1][:, 10:], pieces[2][:, 10:]], dim=1), ids)
@@ -80,7 +102,20 @@ def test_the_pass_leaves_only_document_tokens_in_the_cache(model, prompt):
     assert pre.compress_seconds > 0
 
 
-@pytest.mark.parametrize("bad", [{"heads": "some"}, {"budget_shape": "pyramid"}, {"repeat_chunk": 0}])
+@pytest.mark.parametrize("normalize", ["local", "full"])
+def test_both_normalisations_score_every_document_token(model, prompt, normalize):
+    from chunkkv_cli.compress.kvzip import reconstruction_scores
+
+    comp = make_compressor("kvzip", normalize=normalize, repeat_chunk=50, block=16)
+    target = new_target(model, make_compressor("fullkv"))
+    prefill(model, prompt, [target])
+    scores = reconstruction_scores(model, target.cache, prompt, [5, 6], comp)
+    assert len(scores) == 4 and scores[0].shape == (1, 2, PROMPT_LEN)
+    assert all(bool((s > 0).all()) and bool((s <= 1).all()) for s in scores)
+    assert kept_lengths(target.cache) == [PROMPT_LEN] * 4  # the pieces' own K/V is gone again
+
+
+@pytest.mark.parametrize("bad", [{"heads": "some"}, {"budget_shape": "pyramid"}, {"repeat_chunk": 0}, {"normalize": "x"}])
 def test_bad_parameters_fail_in_one_line(bad):
     from chunkkv_cli.errors import ChunkKVError
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from chunkkv_cli import kvzip_kernels
 from chunkkv_cli.compress.base import Capabilities, Compressor, group_queries, window_indices
@@ -46,6 +47,10 @@ class KVzip(Compressor):
         The first tokens, always kept.
     repeat_chunk : int, default 2048
         Document tokens per repeat piece (each piece attends to the whole document).
+    normalize : str, default "local"
+        "local": a token's weight is a softmax over the sinks, the stretch being repeated and the piece
+        itself, as KVzip does (and cheap: no piece x document matrix); "full": over everything the piece
+        attends to.
     block : int, default 512
         Repeat queries scored at a time (memory vs. speed).
     """
@@ -55,6 +60,7 @@ class KVzip(Compressor):
     budget_shape: str = "adaptive"
     sinks: int = 4
     repeat_chunk: int = 2048
+    normalize: str = "local"
     block: int = 512
 
     pass_request: ClassVar[str] = REPEAT_REQUEST
@@ -67,6 +73,8 @@ class KVzip(Compressor):
             raise ChunkKVError(f"kvzip: heads must be shared or each, got {self.heads!r}")
         if self.budget_shape not in ("adaptive", "uniform"):
             raise ChunkKVError(f"kvzip: budget_shape must be adaptive or uniform, got {self.budget_shape!r}")
+        if self.normalize not in ("local", "full"):
+            raise ChunkKVError(f"kvzip: normalize must be local or full, got {self.normalize!r}")
         if min(self.chunk_size, self.repeat_chunk, self.block) < 1 or self.sinks < 0:
             raise ChunkKVError("kvzip: chunk_size, repeat_chunk and block must be >= 1, sinks >= 0")
 
@@ -75,7 +83,7 @@ class KVzip(Compressor):
 
     @torch.inference_mode()
     def score_pass(self, model, cache, prompt_ids, repeat_prompt=(), on_layer=None):
-        scores = reconstruction_scores(model, cache, prompt_ids, list(repeat_prompt), self.repeat_chunk, self.block)
+        scores = reconstruction_scores(model, cache, prompt_ids, list(repeat_prompt), self)
         return self.keep(scores)
 
     def keep(self, scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -122,69 +130,102 @@ class KVzip(Compressor):
 
 
 def repeat_pieces(prompt_ids: torch.Tensor, repeat_prompt: list[int], repeat_chunk: int):
-    """The teacher-forced repeat, piece by piece: the request, the previous piece's last tokens, the next stretch."""
+    """The teacher-forced repeat, piece by piece: (ids, start, end), the ids being the request, the previous
+    stretch's last tokens and the stretch [start, end) of the prompt that the piece reproduces."""
     request = prompt_ids.new_tensor(repeat_prompt).expand(prompt_ids.shape[0], -1)
     doc_len = prompt_ids.shape[1]
     for start in range(0, doc_len, repeat_chunk):
-        lead = max(0, start - OVERLAP)
-        yield torch.cat([request, prompt_ids[:, lead : start + repeat_chunk]], dim=1)
+        end = min(start + repeat_chunk, doc_len)
+        yield torch.cat([request, prompt_ids[:, max(0, start - OVERLAP) : end]], dim=1), start, end
 
 
-def reconstruction_scores(model, cache, prompt_ids, repeat_prompt, repeat_chunk: int, block: int) -> list[torch.Tensor]:
+@torch.inference_mode()
+def reconstruction_scores(model, cache, prompt_ids, repeat_prompt, comp: "KVzip") -> list[torch.Tensor]:
     """Per layer (batch, kv_heads, doc_len): the largest attention weight each cached token gets from the repeat."""
     from chunkkv_cli.engine import forward
 
     doc_len = prompt_ids.shape[1]
-    route = ReconstructionRoute(cache, doc_len, block)
-    for piece in repeat_pieces(prompt_ids, repeat_prompt, repeat_chunk):
+    route = ReconstructionRoute(cache, doc_len, comp)
+    for piece, start, end in repeat_pieces(prompt_ids, repeat_prompt, comp.repeat_chunk):
+        route.span = (start, end)
         positions = torch.arange(doc_len, doc_len + piece.shape[1], device=piece.device)[None]
         forward(model, piece, cache, positions, route=route, last_only=True)
     return route.scores
 
 
 class ReconstructionRoute(Route):
-    """Attention of a repeat piece over the document and itself, keeping each document token's best weight.
+    """Attention of a repeat piece over the document and itself, and the scores of the document's tokens.
 
     The cache grows by the piece in every layer's update; the piece's own K/V is cut off again here.
     """
 
-    def __init__(self, cache, doc_len: int, block: int):
-        self.cache, self.doc_len, self.block = cache, doc_len, block
+    def __init__(self, cache, doc_len: int, comp: "KVzip"):
+        self.cache, self.doc_len, self.comp = cache, doc_len, comp
+        self.span = (0, doc_len)
         self.scores: list[torch.Tensor | None] = [None] * len(cache.layers)
 
     def attend(self, layer_idx, query, key, value, scaling):
-        if kvzip_kernels.available(query.device, query.shape[-1], query.dtype):
-            output, best = kvzip_kernels.attend_and_score(query, key, value, self.doc_len, scaling)
+        output, lse = attend_with_lse(query, key, value, self.doc_len, scaling, self.comp.normalize == "full")
+        if self.comp.normalize == "full":
+            best, (start, end) = full_scores(query, key, lse, self.doc_len, scaling, self.comp.block), (0, self.doc_len)
         else:
-            output, best = attend_and_score(query, key, value, self.doc_len, scaling, self.block)
-        previous = self.scores[layer_idx]
-        self.scores[layer_idx] = best if previous is None else torch.maximum(previous, best)
+            start, end = self.span
+            best = local_scores(query, key, self.doc_len, self.span, self.comp.sinks, scaling, self.comp.block)
+        if self.scores[layer_idx] is None:
+            self.scores[layer_idx] = best.new_zeros(*best.shape[:2], self.doc_len)
+        region = self.scores[layer_idx][..., start:end]
+        torch.maximum(region, best, out=region)
         layer = self.cache.layers[layer_idx]
         layer.keys, layer.values = key[:, :, : self.doc_len], value[:, :, : self.doc_len]
         return output
 
 
-def attend_and_score(query, key, value, doc_len: int, scaling: float, block: int):
-    """Exact causal attention of the last q_len positions, and each of the first doc_len keys' best weight.
+def attend_with_lse(query, key, value, doc_len: int, scaling: float, want_lse: bool):
+    """Causal attention of the piece (the last n positions) over everything cached: output (b, n, q_heads, d)
+    and, when asked for or free, each query's log-sum-exp (b, kv_heads, group * n)."""
+    if kvzip_kernels.available(query.device, query.shape[-1], query.dtype):
+        return kvzip_kernels.attend(query, key, value, doc_len, scaling)
+    n, kv_len = query.shape[2], key.shape[2]
+    mask = bottom_right_mask(n, kv_len, query.device)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
 
-    query: (b, q_heads, n, d); key/value: (b, kv_heads, kv_len, d) whose last n rows are the queries' own.
-    Returns the output (b, n, q_heads, d) and scores (b, kv_heads, doc_len) in fp32. `block` queries at a time,
-    so no n x kv_len matrix larger than a block exists.
+
+def bottom_right_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    return torch.arange(kv_len, device=device)[None, :] <= rows
+
+
+def local_scores(query, key, doc_len: int, span: tuple[int, int], sinks: int, scaling: float, block: int):
+    """KVzip's scores for the stretch a piece reproduces: softmax over the sinks, that stretch and the piece.
+
+    Returns (b, kv_heads, end - start) in fp32, `block` query rows at a time.
     """
-    b, q_heads, n, d = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    q = group_queries(query, kv_heads)  # (b, kv_heads, group, n, d)
-    group = q.shape[2]
-    out = torch.empty_like(q)
-    best = torch.zeros(b, kv_heads, doc_len, dtype=torch.float32, device=key.device)
-    keys_t = key.transpose(-1, -2)
-    columns = torch.arange(kv_len, device=key.device)
-    for start in range(0, n, block):
-        rows = q[:, :, :, start : start + block]
-        m = rows.shape[3]
-        logits = torch.matmul(rows.reshape(b, kv_heads, group * m, d), keys_t).view(b, kv_heads, group, m, kv_len)
-        future = columns[None, :] > (kv_len - n + start + torch.arange(m, device=key.device))[:, None]
-        probs = (logits.float() * scaling).masked_fill_(future, float("-inf")).softmax(dim=-1)
-        best = torch.maximum(best, probs[..., :doc_len].amax(dim=(2, 3)))
-        out[:, :, :, start : start + block] = torch.matmul(probs.to(value.dtype).view(b, kv_heads, group * m, kv_len), value).view(b, kv_heads, group, m, d)
-    return out.reshape(b, q_heads, n, d).transpose(1, 2).contiguous(), best
+    start, end = span
+    sinks = min(sinks, start)
+    local = torch.cat([key[:, :, :sinks], key[:, :, start:end], key[:, :, doc_len:]], dim=2)
+    return _best_over_queries(query, local, scaling, block, sinks, end - start)
+
+
+def full_scores(query, key, lse, doc_len: int, scaling: float, block: int):
+    """Scores normalised over everything the piece attends to (the whole document and itself)."""
+    if lse is not None:
+        return kvzip_kernels.best_weights(group_queries(query, key.shape[1]).flatten(2, 3), key[:, :, :doc_len], lse, scaling)
+    return _best_over_queries(query, key, scaling, block, 0, doc_len)
+
+
+def _best_over_queries(query, keys, scaling: float, block: int, first: int, count: int) -> torch.Tensor:
+    """max over the group's heads and the piece's rows of softmax(q.k) (causal over the piece's own last rows),
+    for key columns [first, first + count). keys: (b, kv_heads, m, d) ending with the piece's own n keys."""
+    b, kv_heads, m, d = keys.shape
+    n = query.shape[2]
+    q = group_queries(query, kv_heads)
+    best = torch.zeros(b, kv_heads, count, dtype=torch.float32, device=keys.device)
+    columns = torch.arange(m, device=keys.device)
+    for row in range(0, n, block):
+        rows = q[:, :, :, row : row + block]
+        logits = torch.matmul(rows, keys.unsqueeze(2).transpose(-1, -2)).float() * scaling
+        future = columns[None, :] > (m - n + row + torch.arange(rows.shape[3], device=keys.device))[:, None]
+        probs = logits.masked_fill_(future, float("-inf")).softmax(dim=-1)
+        best = torch.maximum(best, probs[..., first : first + count].amax(dim=(2, 3)))
+    return best
