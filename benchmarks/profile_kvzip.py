@@ -14,7 +14,6 @@ import json
 import torch
 
 from chunkkv_cli import kvzip_kernels
-from chunkkv_cli.compress.kvzip import local_scores
 
 
 def ms(fn, iters=20) -> float:
@@ -53,7 +52,7 @@ def main() -> None:
         "own_flash": ms(lambda: kvzip_kernels._flash(q, k[:, :, L:].repeat_interleave(g, 1), v[:, :, L:].repeat_interleave(g, 1), True, scale)),
         "scores": ms(lambda: kvzip_kernels.best_weights(folded, k[:, :, :L], lse, scale)),
         "attend": ms(lambda: kvzip_kernels.attend(q, k, v, L, scale)),
-        "local_scores": ms(lambda: local_scores(q, k, L, (0, n), 4, scale, 512)),
+        "local_scores": ms(lambda: kvzip_kernels.local_scores(q, k, lse, (0, n), 4, scale)),
         "cache_cat": ms(lambda: torch.cat([k[:, :, :L], k[:, :, L:]], dim=2)),
     }
     qf = torch.randn(1, hq, L, d, device=dev, dtype=dt)

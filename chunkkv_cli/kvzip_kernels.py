@@ -38,7 +38,8 @@ def attend(query, key, value, doc_len: int, scale: float):
     """Causal attention of a repeat piece (the last n rows of key/value are its own) over the document and itself.
 
     query (b, q_heads, n, d); key/value (b, kv_heads, doc_len + n, d). Returns the output (b, n, q_heads, d) and
-    each query's log-sum-exp over all it attends to, (b, kv_heads, group * n) fp32, rows ordered as `folded`.
+    each query's log-sum-exp over the piece alone and over all it attends to, both (b, kv_heads, group * n) fp32,
+    rows ordered as the folded queries (query head within its group, then position).
     """
     b, q_heads, n, d = query.shape
     kv_heads = key.shape[1]
@@ -51,7 +52,19 @@ def attend(query, key, value, doc_len: int, scale: float):
     lse = torch.logaddexp(doc_lse, own_lse)
     weight_doc = torch.exp(doc_lse - lse)[..., None]
     merged = doc_out.float() * weight_doc + own_out.reshape(b, kv_heads, group * n, d).float() * (1 - weight_doc)
-    return merged.to(query.dtype).reshape(b, q_heads, n, d).transpose(1, 2).contiguous(), lse
+    return merged.to(query.dtype).reshape(b, q_heads, n, d).transpose(1, 2).contiguous(), own_lse, lse
+
+
+def local_scores(query, key, own_lse, span: tuple[int, int], sinks: int, scale: float) -> torch.Tensor:
+    """KVzip's scores of the stretch [start, end): softmax over the sinks, the stretch and the piece (whose
+    log-sum-exp `own_lse` the attention already has). Returns (b, kv_heads, end - start) fp32."""
+    start, end = span
+    b, q_heads, n, d = query.shape
+    kv_heads = key.shape[1]
+    folded = query.reshape(b, kv_heads, q_heads // kv_heads * n, d)
+    visible = torch.cat([key[:, :, : min(sinks, start)], key[:, :, start:end]], dim=2)
+    _, stretch_lse = _flash(folded, visible, visible, False, scale)
+    return best_weights(folded, key[:, :, start:end], torch.logaddexp(stretch_lse, own_lse), scale)
 
 
 def best_weights(folded: torch.Tensor, doc_keys: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:

@@ -146,15 +146,16 @@ def test_best_weights_kernel_matches_the_softmax_maximum(kv_heads, group, doc_le
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="flash attention runs on CUDA only")
-def test_gpu_reconstruction_attention_matches_the_blockwise_reference():
+def test_gpu_reconstruction_pass_matches_the_cpu_reference():
     from chunkkv_cli import kvzip_kernels
     from chunkkv_cli.compress import kvzip
 
     gen = torch.Generator().manual_seed(6)
     query, key, value = randn(1, 8, 96, 128, gen=gen), randn(1, 2, 400, 128, gen=gen), randn(1, 2, 400, 128, gen=gen)
-    out, lse = kvzip_kernels.attend(query, key, value, 304, 0.088)
-    best = kvzip.full_scores(query, key, lse, 304, 0.088, block=32)
-    ref_out, _ = kvzip.attend_with_lse(query.float().cpu(), key.float().cpu(), value.float().cpu(), 304, 0.088, False)
-    ref_best = kvzip.full_scores(query.float().cpu(), key.float().cpu(), None, 304, 0.088, block=32)
-    assert torch.allclose(out.float().cpu(), ref_out, atol=2e-2)
-    assert torch.allclose(best.cpu(), ref_best, atol=2e-3, rtol=3e-2)
+    out, own_lse, lse = kvzip_kernels.attend(query, key, value, 304, 0.088)
+    full = kvzip_kernels.best_weights(query.reshape(1, 2, 4 * 96, 128), key[:, :, :304], lse, 0.088)
+    local = kvzip_kernels.local_scores(query, key, own_lse, (100, 228), 4, 0.088)
+    q, k, v = (t.float().cpu() for t in (query, key, value))
+    assert torch.allclose(out.float().cpu(), kvzip.attend_cpu(q, k, v, 0.088), atol=2e-2)
+    assert torch.allclose(full.cpu(), kvzip.full_scores(q, k, 304, 0.088, 32), atol=2e-3, rtol=3e-2)
+    assert torch.allclose(local.cpu(), kvzip.local_scores(q, k, 304, (100, 228), 4, 0.088, 32), atol=2e-3, rtol=3e-2)

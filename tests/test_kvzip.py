@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from chunkkv_cli.compress import make_compressor
-from chunkkv_cli.compress.kvzip import attend_with_lse, full_scores, local_scores, repeat_pieces
+from chunkkv_cli.compress.kvzip import attend_cpu, full_scores, local_scores, repeat_pieces
 from chunkkv_cli.engine import bottom_right_causal_mask
 from chunkkv_cli.generate import decode, kept_lengths, new_target, prefill
 
@@ -28,13 +28,13 @@ def test_the_pass_attention_is_exact_and_full_scores_are_the_best_weight_per_doc
     doc_len, n, scaling = 50, 13, 0.25
     query = torch.randn(2, 4, n, 16, generator=gen)
     key, value = (torch.randn(2, 2, doc_len + n, 16, generator=gen) for _ in range(2))
-    out, _ = attend_with_lse(query, key, value, doc_len, scaling, True)
+    out = attend_cpu(query, key, value, scaling)
     wide_k, wide_v = (t.repeat_interleave(2, dim=1) for t in (key, value))
     mask = bottom_right_causal_mask(n, doc_len + n, "cpu")
     expected = F.scaled_dot_product_attention(query, wide_k, wide_v, attn_mask=mask, scale=scaling)
     assert torch.allclose(out, expected.transpose(1, 2), atol=1e-5)
     manual = _reference(query, key, doc_len, scaling)[..., :doc_len].amax(dim=(2, 3))
-    assert torch.allclose(full_scores(query, key, None, doc_len, scaling, block=4), manual, atol=1e-6)
+    assert torch.allclose(full_scores(query, key, doc_len, scaling, block=4), manual, atol=1e-6)
 
 
 def test_local_scores_normalise_over_the_sinks_the_stretch_and_the_piece():

@@ -165,30 +165,30 @@ class ReconstructionRoute(Route):
         self.scores: list[torch.Tensor | None] = [None] * len(cache.layers)
 
     def attend(self, layer_idx, query, key, value, scaling):
-        output, lse = attend_with_lse(query, key, value, self.doc_len, scaling, self.comp.normalize == "full")
-        if self.comp.normalize == "full":
-            best, (start, end) = full_scores(query, key, lse, self.doc_len, scaling, self.comp.block), (0, self.doc_len)
+        comp, doc_len = self.comp, self.doc_len
+        start, end = (0, doc_len) if comp.normalize == "full" else self.span
+        if kvzip_kernels.available(query.device, query.shape[-1], query.dtype):
+            output, own_lse, lse = kvzip_kernels.attend(query, key, value, doc_len, scaling)
+            best = (kvzip_kernels.best_weights(group_queries(query, key.shape[1]).flatten(2, 3), key[:, :, :doc_len], lse, scaling)
+                    if comp.normalize == "full" else kvzip_kernels.local_scores(query, key, own_lse, self.span, comp.sinks, scaling))  # fmt: skip
         else:
-            start, end = self.span
-            best = local_scores(query, key, self.doc_len, self.span, self.comp.sinks, scaling, self.comp.block)
+            output = attend_cpu(query, key, value, scaling)
+            best = (full_scores(query, key, doc_len, scaling, comp.block) if comp.normalize == "full"
+                    else local_scores(query, key, doc_len, self.span, comp.sinks, scaling, comp.block))  # fmt: skip
         if self.scores[layer_idx] is None:
-            self.scores[layer_idx] = best.new_zeros(*best.shape[:2], self.doc_len)
+            self.scores[layer_idx] = best.new_zeros(*best.shape[:2], doc_len)
         region = self.scores[layer_idx][..., start:end]
         torch.maximum(region, best, out=region)
         layer = self.cache.layers[layer_idx]
-        layer.keys, layer.values = key[:, :, : self.doc_len], value[:, :, : self.doc_len]
+        layer.keys, layer.values = key[:, :, :doc_len], value[:, :, :doc_len]
         return output
 
 
-def attend_with_lse(query, key, value, doc_len: int, scaling: float, want_lse: bool):
-    """Causal attention of the piece (the last n positions) over everything cached: output (b, n, q_heads, d)
-    and, when asked for or free, each query's log-sum-exp (b, kv_heads, group * n)."""
-    if kvzip_kernels.available(query.device, query.shape[-1], query.dtype):
-        return kvzip_kernels.attend(query, key, value, doc_len, scaling)
-    n, kv_len = query.shape[2], key.shape[2]
-    mask = bottom_right_mask(n, kv_len, query.device)
+def attend_cpu(query, key, value, scaling: float):
+    """Causal attention of the piece (the last n positions) over everything cached: (b, n, q_heads, d)."""
+    mask = bottom_right_mask(query.shape[2], key.shape[2], query.device)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 def bottom_right_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -207,10 +207,8 @@ def local_scores(query, key, doc_len: int, span: tuple[int, int], sinks: int, sc
     return _best_over_queries(query, local, scaling, block, sinks, end - start)
 
 
-def full_scores(query, key, lse, doc_len: int, scaling: float, block: int):
+def full_scores(query, key, doc_len: int, scaling: float, block: int):
     """Scores normalised over everything the piece attends to (the whole document and itself)."""
-    if lse is not None:
-        return kvzip_kernels.best_weights(group_queries(query, key.shape[1]).flatten(2, 3), key[:, :, :doc_len], lse, scaling)
     return _best_over_queries(query, key, scaling, block, 0, doc_len)
 
 
