@@ -16,12 +16,12 @@ def tiny_loaded(model, monkeypatch):
     from dataclasses import replace
 
     from chunkkv_cli import model as model_module
-    from chunkkv_cli.commands import ask as ask_module
+    from chunkkv_cli.options import ModelSpec
     from chunkkv_cli.profiles import load_profile
 
     profile = replace(load_profile("smollm2-135m"), max_context=600)
     loaded = model_module.Loaded(model, CharTokenizer(), profile, "cpu")
-    monkeypatch.setattr(ask_module, "_load", lambda *args, **kwargs: loaded)
+    monkeypatch.setattr(ModelSpec, "load", lambda *args, **kwargs: loaded)
     return loaded
 
 
