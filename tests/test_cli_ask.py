@@ -50,7 +50,7 @@ def test_ask_reads_standard_input(tiny_loaded):
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("method", ["fullkv", "snapkv", "pyramidkv", "h2o", "streamingllm"])
+@pytest.mark.parametrize("method", ["fullkv", "snapkv", "pyramidkv", "h2o", "streamingllm", "keydiff"])
 def test_ask_every_method(tiny_loaded, doc, method):
     result = invoke(doc, "Who?", "--method", method, "--max-new-tokens", "3", "--window", "8", "--json")
     assert result.exit_code == 0, result.output
