@@ -110,3 +110,4 @@ def test_truncate_fits_the_context(tiny_loaded, tmp_path):
     result = invoke(long_doc, "q", "--max-new-tokens", "4", "--truncate", "--json", "--window", "8")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout[result.stdout.index("{"):])["prompt_tokens"] <= 596
+
