@@ -19,6 +19,7 @@ from chunkkv_cli.compress.base import keep_top
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.eval import scoring
 from chunkkv_cli.eval.data import Sample
+from chunkkv_cli.records import RecordFile, RecordFormat, read_records
 from chunkkv_cli.registry import REFERENCE
 
 RECORDS_FILE = "records.jsonl"
@@ -95,29 +96,14 @@ def record_key(task: str, sample_id: str, method: str, ratio: float | str) -> tu
 
 
 class RecordStore:
-    """`records.jsonl`: finished grid points, appended one line at a time (a torn last line is dropped)."""
+    """`records.jsonl`: finished grid points by key, appended one fsynced line at a time (`records.RecordFile`)."""
 
     def __init__(self, out: Path):
         self.path = Path(out) / RECORDS_FILE
         self.records: dict[tuple, dict] = {}
         if self.path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise ChunkKVError(f"{self.path} is not UTF-8, so not eval records; use another --out") from None
-        for line_no, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
+            for record in read_records(self.path, POINTS):
                 self.records[self.key(record)] = record
-            except (json.JSONDecodeError, KeyError, TypeError):
-                if line_no == len(lines):
-                    continue  # an interrupted write; that point simply runs again
-                raise ChunkKVError(f"{self.path}:{line_no}: not a record; delete the line or use another --out") from None
 
     @staticmethod
     def key(record: dict) -> tuple:
@@ -127,10 +113,17 @@ class RecordStore:
         return key in self.records
 
     def add(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
+        with RecordFile(self.path) as file:
+            file.write(record)
         self.records[self.key(record)] = record
+
+
+POINTS = RecordFormat(
+    what="eval records",
+    is_record=lambda record: all(k in record for k in ("task", "sample", "method", "ratio")),
+    bad_line="not a record; delete the line or use another --out",
+    other_file="use another --out",
+)
 
 
 def check_settings(out: Path, settings: Settings) -> None:
