@@ -189,17 +189,20 @@ def cache_report(profile, shape: CacheShape, seq: int, batch: int, dtype: str, g
     return {
         "model": profile.name, "hf_id": profile.hf_id, "seq": seq, "batch": batch,
         "ratio": None if shape.budget is not None else shape.ratio, "budget": shape.budget, "dtype": dtype,
-        "gpu_mem_bytes": gpu_bytes, "num_layers": shape.layers, "num_attention_heads": profile.num_attention_heads, "num_kv_heads": shape.kv_heads,
-        "head_dim": shape.head_dim, "max_context": profile.max_context,
+        "gpu_mem_bytes": gpu_bytes, "num_layers": shape.layers, "num_attention_heads": profile.num_attention_heads,
+        "num_kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "max_context": profile.max_context,
         "paper_bytes": paper_kv_bytes(batch, seq, shape.layers, profile.num_attention_heads, shape.head_dim),
-        "gqa_bytes": gqa, "why_paper_differs": why_paper_differs(profile, dtype), "kv_bytes_per_token": shape.full(1, 1),
-        "kept_tokens": n_kept, "compressed_bytes": compressed, "saved_bytes": gqa - compressed,
-        "saved_fraction": round(1 - compressed / gqa, 6), "compressed_peak_bytes": shape.peak(batch, seq),
-        "param_count": profile.param_count(), "weight_bytes": profile.weight_bytes(dtype),
+        "gqa_bytes": gqa, "why_paper_differs": why_paper_differs(profile, dtype),
+        "kv_bytes_per_token": shape.full(1, 1), "kept_tokens": n_kept, "compressed_bytes": compressed,
+        "saved_bytes": gqa - compressed, "saved_fraction": round(1 - compressed / gqa, 6),
+        "compressed_peak_bytes": shape.peak(batch, seq), "param_count": profile.param_count(),
+        "weight_bytes": profile.weight_bytes(dtype),
     }  # fmt: skip
 
 
-def fit_report(shape: CacheShape, seq: int, batch: int, blocks: list[range], weights: list[int], gpu_bytes: int) -> dict:
+def fit_report(
+    shape: CacheShape, seq: int, batch: int, blocks: list[range], weights: list[int], gpu_bytes: int
+) -> dict:
     """What fits beside the weights: per GPU, and the batch and length limits of the GPU that fills first."""
     frees = [gpu_bytes - w for w in weights]
 

@@ -64,7 +64,9 @@ class Compression:
         from chunkkv_cli.compress import compressor_for, method_class
 
         if method is None and self.offload is not None and "offload" not in method_class(self.method).parameters():
-            raise ChunkKVError(f"--offload is for methods that recall tokens at decode time (clusterkv), not {self.method}")
+            raise ChunkKVError(
+                f"--offload is for methods that recall tokens at decode time (clusterkv), not {self.method}"
+            )
         return compressor_for(
             method or self.method, ratio=self.ratio, budget=self.budget, window=self.window,
             chunk_size=self.chunk_size, offload=self.offload,

@@ -255,13 +255,21 @@ class _Decided(Exception):
 
 
 def answer_and_score(model, tokenizer, target, pre, sample: Sample, settings: Settings) -> dict:
-    """Greedy answer from the target's cache (stopping early once the needle is found), scored."""
-    from chunkkv_cli.generate import decode
+    """The grid point's record fields: its greedy answer and the task's scores."""
+    decided = _decided_check(settings.task, sample.reference)
+    answer = greedy_answer(model, tokenizer, target, pre, settings.max_new_tokens, decided)
+    return {"answer": answer.text, "new_tokens": answer.new_tokens, "decode_seconds": round(answer.decode_seconds, 3),
+            **score_answer(settings.task, answer.text, sample.reference)}  # fmt: skip
+
+
+def greedy_answer(model, tokenizer, target, pre, max_new_tokens: int, decided=None):
+    """A `result.Answer` from the target's cache; stops early once `decided(text)` says the score cannot change."""
+    from chunkkv_cli.generate import cache_bytes, decode, kept_lengths
     from chunkkv_cli.pipeline import eos_ids, recall_state
+    from chunkkv_cli.result import Answer
 
     stops = eos_ids(model, tokenizer)
     ids: list[int] = []
-    decided = _decided_check(settings.task, sample.reference)
 
     def collect(token) -> None:
         token_id = int(token[0])
@@ -274,13 +282,16 @@ def answer_and_score(model, tokenizer, target, pre, sample: Sample, settings: Se
     start = time.perf_counter()
     recall = recall_state(target.compressor, target.cache)  # clusterkv: clusters to attend through
     try:
-        decode(model, target.cache, pre.logits, pre.prompt_len, settings.max_new_tokens, stops, on_token=collect,
-               recall=recall)
+        decode(model, target.cache, pre.logits, pre.prompt_len, max_new_tokens, stops, on_token=collect, recall=recall)
     except _Decided:
         pass
-    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    return {"answer": text, "new_tokens": len(ids), "decode_seconds": round(time.perf_counter() - start, 3),
-            **score_answer(settings.task, text, sample.reference)}  # fmt: skip
+    kept = kept_lengths(target.cache)
+    return Answer(
+        text=tokenizer.decode(ids, skip_special_tokens=True).strip(), prompt_tokens=pre.prompt_len,
+        kept_tokens=sum(kept) / len(kept), full_kv_bytes=pre.full_bytes, kept_kv_bytes=cache_bytes(target.cache),
+        prefill_seconds=pre.seconds, compress_seconds=pre.compress_seconds, decode_seconds=time.perf_counter() - start,
+        new_tokens=len(ids), token_ids=ids, kept_per_layer=kept,
+    )  # fmt: skip
 
 
 def _decided_check(task: str, reference: dict):
