@@ -19,6 +19,7 @@ from chunkkv_cli.compress.base import keep_top
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.eval import scoring
 from chunkkv_cli.eval.data import Sample
+from chunkkv_cli.options import Compression
 from chunkkv_cli.records import RecordFile, RecordFormat, read_records
 from chunkkv_cli.registry import REFERENCE
 
@@ -56,6 +57,11 @@ class Settings:
     reuse_layers: int = 1
     max_new_tokens: int = 24
     source: dict = field(default_factory=dict)  # where the samples come from: files, needle, seed
+
+    def compression(self, point: Point) -> Compression:
+        """The options of one grid point: its method and ratio (or budget), this run's window, chunks and reuse."""
+        return Compression(point.method, window=self.window, chunk_size=self.chunk_size,
+                           reuse_layers=self.reuse_layers, **point.compression())  # fmt: skip
 
     def identity(self) -> dict:
         """What a resumed run must share with the records already in --out (grid axes may change)."""
@@ -205,17 +211,16 @@ def evaluate_sample(model, tokenizer, sample: Sample, points: list[Point], setti
 
 def make_targets(model, points: list[Point], settings: Settings) -> list:
     """A compressed-cache target per point; H2O's costly scores are computed once per layer for all its ratios."""
-    from chunkkv_cli.compress import compressor_for
     from chunkkv_cli.generate import new_target
 
     memo = LastLayerScores()
     targets = []
     for point in points:
-        params = dict(**point.compression(), window=settings.window, chunk_size=settings.chunk_size)
-        compressor = compressor_for(point.method, **params)
+        options = settings.compression(point)
+        compressor = options.compressor()
         if isinstance(compressor, H2O):
             compressor = SharedH2O(**point.compression(), window=settings.window, block=compressor.block, memo=memo)
-        targets.append(new_target(model, compressor, settings.reuse_layers, record=settings.task == "similarity"))
+        targets.append(new_target(model, compressor, options.reuse_layers, record=settings.task == "similarity"))
     return targets
 
 
