@@ -150,7 +150,5 @@ def read_text(path: Path) -> str:
 
 
 def fields(result, prefill_tokens: int) -> dict:
-    """A pipeline Answer as the fields of a batch record."""
-    from chunkkv_cli.commands.common import answer_fields
-
-    return {**answer_fields(result), "prefill_tokens": prefill_tokens}
+    """An `Answer` as the fields of a batch record."""
+    return {**result.record(), "prefill_tokens": prefill_tokens}

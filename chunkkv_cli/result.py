@@ -30,5 +30,10 @@ class Answer:
     kept_per_layer: list[int] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
-        """The JSON fields of `ask --json` and of a batch record."""
+        """Every field but the long lists (token ids, kept tokens per layer)."""
         return {k: v for k, v in asdict(self).items() if k not in DETAIL_FIELDS}
+
+    def record(self) -> dict:
+        """The JSON fields of `ask --json` and of a batch record, the same names everywhere: the text is `answer`."""
+        values = self.as_dict()
+        return {"answer": values.pop("text"), **values}

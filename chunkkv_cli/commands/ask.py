@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.table import Table
 
 from chunkkv_cli.commands.common import (
-    answer_fields,
     emit,
     end_stream,
     given,
@@ -141,7 +140,7 @@ def _ask_text(text, question, spec, compression, generation, truncate, json_out)
             on_text=None if json_out else emit, on_layer=on_layer, **generation.kwargs(),
         )  # fmt: skip
     if json_out:
-        report = {"method": compressor.name, "model": loaded.profile.name, **answer_fields(result)}
+        report = {"method": compressor.name, "model": loaded.profile.name, **result.record()}
         typer.echo(json.dumps(report, indent=2))
         return
     end_stream()
@@ -266,7 +265,7 @@ def _answer_one_cached(loaded, prefix, ids, label, json_out, generation) -> None
     on_text = None if json_out else emit
     result = answer_question(loaded.model, loaded.tokenizer, prefix, ids, on_text=on_text, **generation.kwargs())
     if json_out:
-        typer.echo(json.dumps({**label, **answer_fields(result)}, indent=2))
+        typer.echo(json.dumps({**label, **result.record()}, indent=2))
         return
     end_stream()
     Console(stderr=True).print(

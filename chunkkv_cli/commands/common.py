@@ -51,12 +51,6 @@ def warn_small_budget(console: Console, compressor, n_tokens: int) -> None:
         console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
-def answer_fields(result) -> dict:
-    """An answer's JSON fields, the same names in every command: the answer's text is `answer`."""
-    values = result.as_dict()
-    return {"answer": values.pop("text"), **values}
-
-
 def given(ctx: typer.Context, name: str) -> bool:
     """Whether the user set this option (by name: Typer may vendor its own click and ParameterSource)."""
     source = ctx.get_parameter_source(name)
