@@ -24,6 +24,7 @@ from chunkkv_cli.answers import PartWriter, existing_records, finished, merge, p
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.jobs import Job, run_order, shard
 from chunkkv_cli.memory import DEFAULT_RATIO
+from chunkkv_cli.options import Compression, Generation, ModelSpec
 
 Runner = Callable[[Job, "Settings"], dict]
 # How long a rank that has finished its share waits for the slowest one.
@@ -57,8 +58,23 @@ class Settings:
             return replace(settings, ratio=None)
         return replace(settings, ratio=DEFAULT_RATIO if settings.ratio is None else settings.ratio)
 
-    def compression(self) -> tuple:
-        return (self.method, self.ratio, self.budget, self.chunk_size, self.window, self.reuse_layers, self.truncate)
+    @classmethod
+    def of(cls, spec: ModelSpec, compression: Compression, generation: Generation, truncate: bool = False,
+           question_aware: bool = False) -> Settings:  # fmt: skip
+        """The record of a run's options (flat, as written beside every answer)."""
+        c, g = compression, generation
+        return cls(spec.model, c.method, c.ratio, c.budget, c.chunk_size, c.window, c.reuse_layers, g.max_new_tokens,
+                   g.temperature, g.top_p, truncate, question_aware, g.decoder)  # fmt: skip
+
+    def compression(self) -> Compression:
+        return Compression(self.method, self.ratio, self.budget, self.window, self.chunk_size, self.reuse_layers)
+
+    def generation(self) -> Generation:
+        return Generation(self.max_new_tokens, self.temperature, self.top_p, self.decoder)
+
+    def prefix_key(self) -> tuple:
+        """What decides a compressed prefix: jobs with the same document and key share one."""
+        return (self.compression(), self.truncate)
 
 
 @dataclass(frozen=True)

@@ -56,10 +56,7 @@ class ModelRunner:
                 f"the document's {prefix.prefix_len} prompt tokens, this {len(question)}-token question and "
                 f"--max-new-tokens {settings.max_new_tokens} exceed the model's {loaded.profile.max_context}-token context"
             )
-        result = answer_question(
-            loaded.model, loaded.tokenizer, prefix, question, settings.max_new_tokens,
-            temperature=settings.temperature, top_p=settings.top_p, decoder=settings.decoder,
-        )  # fmt: skip
+        result = answer_question(loaded.model, loaded.tokenizer, prefix, question, **settings.generation().kwargs())
         return fields(result, len(question) + (prefix.prefix_len if compressed_now else 0))
 
     def _prefix_for(self, loaded, job: Job, settings: Settings):
@@ -83,19 +80,15 @@ class ModelRunner:
         return prefix, True
 
     def _compress(self, loaded, job: Job, settings: Settings, key):
-        from chunkkv_cli.compress import compressor_for
         from chunkkv_cli.documents import fit_prefix_to_context
         from chunkkv_cli.reuse import compress_prefix
 
         text = read_text(job.path)
-        compressor = compressor_for(
-            settings.method, ratio=settings.ratio, budget=settings.budget, window=settings.window,
-            chunk_size=settings.chunk_size,
-        )  # fmt: skip
+        compression = settings.compression()
         limit = loaded.profile.max_context - settings.max_new_tokens - self._longest_question(loaded, key)
         ids = fit_prefix_to_context(loaded.tokenizer, text, limit, settings.truncate)
         try:
-            return compress_prefix(loaded.model, ids, compressor, settings.reuse_layers)
+            return compress_prefix(loaded.model, ids, compression.compressor(), compression.reuse_layers)
         except RuntimeError as err:
             if "out of memory" not in str(err).lower():
                 raise
@@ -104,7 +97,7 @@ class ModelRunner:
             ) from err
 
     def _key_of(self, job: Job, settings: Settings) -> tuple:
-        return (document_key(job), settings.compression(), settings.max_new_tokens)
+        return (document_key(job), settings.prefix_key(), settings.max_new_tokens)
 
     def _longest_question(self, loaded, key) -> int:
         """Tokens of the longest question among the jobs that share this prefix: the room the prefix leaves."""
@@ -122,22 +115,17 @@ class ModelRunner:
         return self._longest.get(key, 0)
 
     def _whole_prompt(self, loaded, job: Job, settings: Settings) -> dict:
-        from chunkkv_cli.compress import compressor_for
         from chunkkv_cli.documents import fit_to_context
         from chunkkv_cli.pipeline import answer
 
         text = read_text(job.path)
-        compressor = compressor_for(
-            settings.method, ratio=settings.ratio, budget=settings.budget, window=settings.window,
-            chunk_size=settings.chunk_size,
-        )  # fmt: skip
+        compression = settings.compression()
         limit = loaded.profile.max_context - settings.max_new_tokens
         ids = fit_to_context(loaded.tokenizer, text, job.question, limit, settings.truncate)
         result = answer(
-            loaded.model, loaded.tokenizer, ids, compressor, reuse_layers=settings.reuse_layers,
-            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
-            decoder=settings.decoder,
-        )  # fmt: skip
+            loaded.model, loaded.tokenizer, ids, compression.compressor(), reuse_layers=compression.reuse_layers,
+            **settings.generation().kwargs(),
+        )
         return fields(result, len(ids))
 
     def _release(self, failed: bool = False) -> None:
@@ -162,7 +150,5 @@ def read_text(path: Path) -> str:
 
 
 def fields(result, prefill_tokens: int) -> dict:
-    """A pipeline Answer as the fields of a batch record."""
-    from chunkkv_cli.commands.ask import answer_fields
-
-    return {**answer_fields(result), "prefill_tokens": prefill_tokens}
+    """An `Answer` as the fields of a batch record."""
+    return {**result.record(), "prefill_tokens": prefill_tokens}

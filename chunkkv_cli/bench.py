@@ -12,8 +12,9 @@ from typing import Callable
 
 import torch
 
-from chunkkv_cli.compress import METHODS, compressor_for
+from chunkkv_cli.compress import METHODS
 from chunkkv_cli.generate import cache_bytes, decode, make_step, new_target, prefill, synchronize
+from chunkkv_cli.options import Compression
 from chunkkv_cli.pipeline import recall_state
 from chunkkv_cli.registry import REFERENCE
 
@@ -163,9 +164,9 @@ def median_of(runs: list[dict]) -> dict:
     return {k: (statistics.median(r[k] for r in runs) if runs[0][k] is not None else None) for k in keys}
 
 
-def measure_case(model, case: Case, decode_tokens: int, repeats: int, replicate: int = 1, **compressor_args) -> dict:
-    """Median over `repeats` runs after one warm-up run; `compressor_args` go to `make_compressor`."""
-    compressor = compressor_for(case.method, **compressor_args)
+def measure_case(model, case: Case, compression: Compression, decode_tokens: int, repeats: int, replicate: int = 1) -> dict:
+    """Median over `repeats` runs after one warm-up run, of `case.method` at `compression`'s settings."""
+    compressor = compression.compressor(case.method)
     batch = 1 if replicate > 1 else case.batch
     ids = random_prompt(model, batch, case.seq)
     measure_once(model, ids, compressor, case.reuse_layers, decode_tokens, replicate, case.decoder)
@@ -213,12 +214,12 @@ def decode_fits(model, cache, logits, seq: int, batch: int, steps: int, decoder:
             torch.cuda.empty_cache()
 
 
-def find_max_batch(model, case: Case, compressor_args: dict, steps: int, limit: int) -> int:
+def find_max_batch(model, case: Case, compression: Compression, steps: int, limit: int) -> int:
     """Largest batch of `case.seq`-token sequences whose caches decode `steps` tokens together.
 
     One sequence is prefilled (and compressed); its cache is replicated for each candidate batch.
     """
-    compressor = compressor_for(case.method, **compressor_args)
+    compressor = compression.compressor(case.method)
     target = new_target(model, compressor, case.reuse_layers)
     pre = prefill(model, random_prompt(model, 1, case.seq), [target])
     try:
@@ -283,7 +284,7 @@ def _ratios(row: dict, base: dict | None) -> dict | None:
 def run_bench(
     model,
     cases: list[Case],
-    compressor_args: dict,
+    compression: Compression,
     decode_tokens: int,
     repeats: int,
     max_batch_limit: int = 4096,
@@ -307,13 +308,13 @@ def run_bench(
         if case.batch == "max":
             key = (case.method, case.seq, case.decoder)  # reuse does not change the cache size
             if key not in found:
-                found[key] = find_max_batch(model, case, compressor_args, min(decode_tokens, 32), max_batch_limit)
+                found[key] = find_max_batch(model, case, compression, min(decode_tokens, 32), max_batch_limit)
             batch = replicate = found[key]
         row = {"method": case.method, "reuse_layers": case.reuse_layers, "seq": case.seq, "batch": batch,
                "batch_kind": "max" if case.batch == "max" else "fixed", "decoder": case.decoder,
                "prefill_batch": 1 if replicate > 1 else batch}
         if batch:
-            row.update(measure_with_fallback(model, case, compressor_args, decode_tokens, repeats, replicate))
+            row.update(measure_with_fallback(model, case, compression, decode_tokens, repeats, replicate))
             row["batch"] = row.pop("batch_used", batch)
             row["floor_ms_per_token"] = bandwidth_floor_ms(model, row, bandwidth)
         rows.append(row)
@@ -321,12 +322,11 @@ def run_bench(
     return rows
 
 
-def measure_with_fallback(model, case, compressor_args, decode_tokens, repeats, replicate) -> dict:
+def measure_with_fallback(model, case, compression, decode_tokens, repeats, replicate) -> dict:
     """Measure; at a searched batch, step down 5 % at a time if the longer timed decode runs out of memory."""
     while True:
         try:
-            result = measure_case(model, case, **compressor_args, decode_tokens=decode_tokens, repeats=repeats,
-                                  replicate=replicate)
+            result = measure_case(model, case, compression, decode_tokens, repeats, replicate)
             result["batch_used"] = replicate if case.batch == "max" else case.batch
             return result
         except (torch.OutOfMemoryError, RuntimeError) as err:

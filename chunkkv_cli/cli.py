@@ -111,13 +111,14 @@ def _root(
 
 
 def _register() -> None:
-    from chunkkv_cli.commands import ask, batch, bench, compress, memory, profiles
+    from chunkkv_cli.commands import ask, batch, bench, compress, memory, methods, profiles
     from chunkkv_cli.commands import eval as eval_cmd
     from chunkkv_cli.commands import inspect as inspect_cmd
 
     for name, fn, epilog in [
         ("memory", memory.memory, memory.EXAMPLES),
         ("profiles", profiles.profiles, None),
+        ("methods", methods.methods, methods.EXAMPLES),
         ("ask", ask.ask, ask.EXAMPLES),
         ("compress", compress.compress, compress.EXAMPLES),
         ("inspect", inspect_cmd.inspect, inspect_cmd.EXAMPLES),

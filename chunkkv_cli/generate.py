@@ -13,6 +13,7 @@ from chunkkv_cli.compress import Compressor
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.compress.base import gather_tokens
 from chunkkv_cli.engine import CompressionSession, Target, forward, full_range, store_layer, use_compressing_attention
+from chunkkv_cli.options import DECODERS
 
 
 @dataclass
@@ -99,9 +100,6 @@ def hf_step(model, cache, start_pos: int, route=None) -> Callable[[torch.Tensor]
         return forward(model, ids, cache, pos, route=route).logits[:, -1]
 
     return step
-
-
-DECODERS = ("auto", "hf", "fast", "compiled")
 
 
 def resolve_decoder(decoder: str, device: torch.device, recall=None, cache=None) -> str:

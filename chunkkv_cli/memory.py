@@ -10,6 +10,7 @@ slight under-estimate of an "80 GB" H100 (nvidia-smi reports 81,559 MiB ≈ 85.5
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 from chunkkv_cli.errors import ChunkKVError
@@ -86,7 +87,7 @@ def check_ratio_budget(ratio: float | None, budget: int | None) -> None:
 def kept_tokens(seq: int, ratio: float | None = None, budget: int | None = None) -> int:
     """Tokens each layer keeps: `budget` (capped at seq) if given, else round(ratio · seq), at least 1.
 
-    Same rule as `Compressor.kept_tokens`; with neither given the ratio is 0.1.
+    The one rule for it: `Compressor.kept_tokens` calls this. With neither given the ratio is 0.1.
     """
     check_ratio_budget(ratio, budget)
     if budget is not None:
@@ -126,6 +127,30 @@ def why_paper_differs(profile, dtype: str) -> str:
     return reason + "."
 
 
+@dataclass(frozen=True)
+class CacheShape:
+    """One model's KV cache at one dtype and compression: bytes as a function of batch, length and layers."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+    ratio: float | None = None
+    budget: int | None = None
+
+    def full(self, batch: int, seq: int, n_layers: int | None = None) -> int:
+        n_layers = self.layers if n_layers is None else n_layers
+        return kv_bytes(batch, seq, n_layers, self.kv_heads, self.head_dim, self.dtype_bytes)
+
+    def kept(self, seq: int) -> int:
+        return kept_tokens(seq, self.ratio, self.budget)
+
+    def peak(self, batch: int, seq: int, n_layers: int | None = None) -> int:
+        """The compressed prefill's peak: every layer but one compressed, the one being compressed at full length."""
+        n_layers = self.layers if n_layers is None else n_layers
+        return self.full(batch, self.kept(seq), n_layers - 1) + self.full(batch, seq, 1)
+
+
 def memory_report(
     profile,
     seq: int | str,
@@ -150,69 +175,56 @@ def memory_report(
     check_ratio_budget(ratio, budget)
     if ratio is None and budget is None:
         ratio = DEFAULT_RATIO
-    n_bytes = dtype_bytes(dtype)
+    shape = CacheShape(profile.num_layers, profile.num_kv_heads, profile.head_dim, dtype_bytes(dtype), ratio, budget)
     gpu_bytes = parse_bytes(gpu_mem)
-    layers, kv_heads, head_dim = profile.num_layers, profile.num_kv_heads, profile.head_dim
+    blocks = layer_blocks(profile.num_layers, gpus)
+    report = cache_report(profile, shape, seq, batch, dtype, gpu_bytes)
+    return {**report, **fit_report(shape, seq, batch, blocks, weight_split(profile, dtype, blocks), gpu_bytes)}
 
-    def full_bytes(b: int, s: int, n_layers: int = layers) -> int:
-        return kv_bytes(b, s, n_layers, kv_heads, head_dim, n_bytes)
 
-    def compressed_peak_bytes(b: int, s: int, n_layers: int = layers) -> int:
-        compressed_layers = full_bytes(b, kept_tokens(s, ratio, budget), n_layers - 1)
-        return compressed_layers + full_bytes(b, s, 1)
+def cache_report(profile, shape: CacheShape, seq: int, batch: int, dtype: str, gpu_bytes: int) -> dict:
+    """The cache's size at `seq` tokens: the paper's formula, as stored, compressed, and the weights beside it."""
+    gqa, n_kept = shape.full(batch, seq), shape.kept(seq)
+    compressed = shape.full(batch, n_kept)
+    return {
+        "model": profile.name, "hf_id": profile.hf_id, "seq": seq, "batch": batch,
+        "ratio": None if shape.budget is not None else shape.ratio, "budget": shape.budget, "dtype": dtype,
+        "gpu_mem_bytes": gpu_bytes, "num_layers": shape.layers, "num_attention_heads": profile.num_attention_heads,
+        "num_kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "max_context": profile.max_context,
+        "paper_bytes": paper_kv_bytes(batch, seq, shape.layers, profile.num_attention_heads, shape.head_dim),
+        "gqa_bytes": gqa, "why_paper_differs": why_paper_differs(profile, dtype),
+        "kv_bytes_per_token": shape.full(1, 1), "kept_tokens": n_kept, "compressed_bytes": compressed,
+        "saved_bytes": gqa - compressed, "saved_fraction": round(1 - compressed / gqa, 6),
+        "compressed_peak_bytes": shape.peak(batch, seq), "param_count": profile.param_count(),
+        "weight_bytes": profile.weight_bytes(dtype),
+    }  # fmt: skip
 
-    n_kept = kept_tokens(seq, ratio, budget)
-    gqa = full_bytes(batch, seq)
-    compressed = full_bytes(batch, n_kept)
-    weights = profile.weight_bytes(dtype)
-    blocks = layer_blocks(layers, gpus)
-    per_gpu_weights = weight_split(profile, dtype, blocks)
-    frees = [gpu_bytes - w for w in per_gpu_weights]
+
+def fit_report(
+    shape: CacheShape, seq: int, batch: int, blocks: list[range], weights: list[int], gpu_bytes: int
+) -> dict:
+    """What fits beside the weights: per GPU, and the batch and length limits of the GPU that fills first."""
+    frees = [gpu_bytes - w for w in weights]
 
     def limit(bytes_for: Callable[[int, int, int], int]) -> Callable[[int], int]:
         """Bytes over the limit on the GPU that fills first, as a function of the prompt length."""
         return lambda s: max(bytes_for(batch, s, len(b)) - free for b, free in zip(blocks, frees))
 
+    n_kept = shape.kept(seq)
     per_gpu = [
-        gpu_share(index, block, w, gpu_bytes, full_bytes(batch, seq, len(block)),
-                  full_bytes(batch, n_kept, len(block)), compressed_peak_bytes(batch, seq, len(block)))
-        for index, (block, w) in enumerate(zip(blocks, per_gpu_weights))
+        gpu_share(index, block, w, gpu_bytes, shape.full(batch, seq, len(block)),
+                  shape.full(batch, n_kept, len(block)), shape.peak(batch, seq, len(block)))
+        for index, (block, w) in enumerate(zip(blocks, weights))
     ]  # fmt: skip
     return {
-        "model": profile.name,
-        "hf_id": profile.hf_id,
-        "seq": seq,
-        "batch": batch,
-        "ratio": None if budget is not None else ratio,
-        "budget": budget,
-        "dtype": dtype,
-        "gpu_mem_bytes": gpu_bytes,
-        "num_layers": layers,
-        "num_attention_heads": profile.num_attention_heads,
-        "num_kv_heads": kv_heads,
-        "head_dim": head_dim,
-        "max_context": profile.max_context,
-        "paper_bytes": paper_kv_bytes(batch, seq, layers, profile.num_attention_heads, head_dim),
-        "gqa_bytes": gqa,
-        "why_paper_differs": why_paper_differs(profile, dtype),
-        "kv_bytes_per_token": full_bytes(1, 1),
-        "kept_tokens": n_kept,
-        "compressed_bytes": compressed,
-        "saved_bytes": gqa - compressed,
-        "saved_fraction": round(1 - compressed / gqa, 6),
-        "compressed_peak_bytes": compressed_peak_bytes(batch, seq),
-        "param_count": profile.param_count(),
-        "weight_bytes": weights,
         "free_bytes": sum(frees),
-        "gpus": gpus,
+        "gpus": len(blocks),
         "fits_full": all(share["fits_full"] for share in per_gpu),
         "fits_compressed": all(share["fits_compressed"] for share in per_gpu),
-        "max_batch_full": min(max_batch(f, full_bytes(1, seq, len(b))) for b, f in zip(blocks, frees)),
-        "max_batch_compressed": min(
-            max_batch(f, compressed_peak_bytes(1, seq, len(b))) for b, f in zip(blocks, frees)
-        ),
-        "max_seq_full": max_seq(0, limit(full_bytes)),
-        "max_seq_compressed": max_seq(0, limit(compressed_peak_bytes)),
+        "max_batch_full": min(max_batch(f, shape.full(1, seq, len(b))) for b, f in zip(blocks, frees)),
+        "max_batch_compressed": min(max_batch(f, shape.peak(1, seq, len(b))) for b, f in zip(blocks, frees)),
+        "max_seq_full": max_seq(0, limit(shape.full)),
+        "max_seq_compressed": max_seq(0, limit(shape.peak)),
         "per_gpu": per_gpu,
     }
 

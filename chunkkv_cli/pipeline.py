@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
 from chunkkv_cli.compress import Compressor
 from chunkkv_cli.generate import cache_bytes, decode, kept_lengths, new_target, prefill, synchronize
-
-
-@dataclass
-class Answer:
-    text: str
-    prompt_tokens: int
-    kept_tokens: float  # mean over layers
-    full_kv_bytes: int
-    kept_kv_bytes: int
-    prefill_seconds: float
-    compress_seconds: float
-    decode_seconds: float
-    new_tokens: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from chunkkv_cli.result import Answer
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -68,8 +52,11 @@ def stream_answer(
     model, tokenizer, cache, logits, start_pos: int, max_new_tokens: int, on_text=None, temperature=0.0, top_p=1.0,
     decoder: str = "hf",
     recall=None,
-) -> tuple[str, int, float]:
-    """Decode from `cache` after `logits`, streaming text to `on_text`; returns (text, new tokens, seconds)."""
+) -> dict:
+    """Decode from `cache` after `logits`, streaming text to `on_text`.
+
+    Returns the decoding fields of an `Answer`: text, token_ids (stop tokens left out), new_tokens, decode_seconds.
+    """
     device = logits.device
     stops = eos_ids(model, tokenizer)
     stream = TextStream(tokenizer, on_text, stops)
@@ -77,7 +64,8 @@ def stream_answer(
     tokens = decode(model, cache, logits, start_pos, max_new_tokens, stops, temperature, top_p, stream, decoder, recall)
     synchronize(device)
     text = stream.text.strip() or tokenizer.decode(stream.ids, skip_special_tokens=True).strip()
-    return text, tokens.shape[1], time.perf_counter() - start
+    return {"text": text, "token_ids": stream.ids, "new_tokens": tokens.shape[1],
+            "decode_seconds": time.perf_counter() - start}  # fmt: skip
 
 
 def answer(
@@ -100,18 +88,17 @@ def answer(
     kept = kept_lengths(target.cache)
     recall = recall_state(compressor, target.cache)
     kept_bytes = cache_bytes(target.cache)  # on the device: after clusterkv's --offload cpu moved the clustered part
-    text, new_tokens, decode_seconds = stream_answer(
+    decoded = stream_answer(
         model, tokenizer, target.cache, pre.logits, len(ids), max_new_tokens, on_text, temperature, top_p, decoder,
         recall,
     )
     return Answer(
-        text=text,
         prompt_tokens=len(ids),
         kept_tokens=sum(kept) / len(kept),
         full_kv_bytes=pre.full_bytes,
         kept_kv_bytes=kept_bytes,
         prefill_seconds=pre.seconds,
         compress_seconds=pre.compress_seconds + (recall.seconds if recall is not None else 0.0),
-        decode_seconds=decode_seconds,
-        new_tokens=new_tokens,
+        kept_per_layer=kept,
+        **decoded,
     )

@@ -12,6 +12,7 @@ REGISTRY: dict[str, str] = {
     "snapkv": "chunkkv_cli.compress.snapkv:SnapKV",
     "pyramidkv": "chunkkv_cli.compress.pyramidkv:PyramidKV",
     "h2o": "chunkkv_cli.compress.h2o:H2O",
+    "keydiff": "chunkkv_cli.compress.keydiff:KeyDiff",
     "streamingllm": "chunkkv_cli.compress.streamingllm:StreamingLLM",
     "fullkv": "chunkkv_cli.compress.fullkv:FullKV",
     "clusterkv": "chunkkv_cli.compress.clusterkv:ClusterKV",

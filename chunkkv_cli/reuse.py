@@ -25,7 +25,8 @@ from chunkkv_cli.engine import forward, store_layer, use_compressing_attention
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.route import Route
 from chunkkv_cli.generate import cache_bytes, decode, kept_lengths, new_target, prefill, synchronize
-from chunkkv_cli.pipeline import Answer, stream_answer
+from chunkkv_cli.pipeline import stream_answer
+from chunkkv_cli.result import Answer
 
 
 @dataclass
@@ -166,17 +167,16 @@ def answer_question(
     appended = time.perf_counter() - start
     kept = [n - len(question_ids) for n in kept_lengths(cache)]  # after narrowing, if any
     kept_bytes = prefix.kept_bytes() if narrow is None else cache_bytes(cache)
-    text, new_tokens, decode_seconds = stream_answer(
+    decoded = stream_answer(
         model, tokenizer, cache, logits, start_pos, max_new_tokens, on_text, temperature, top_p, decoder
     )
     return Answer(
-        text=text,
         prompt_tokens=start_pos,
         kept_tokens=sum(kept) / len(kept),
         full_kv_bytes=prefix.full_bytes,
         kept_kv_bytes=kept_bytes,
         prefill_seconds=appended,
         compress_seconds=0.0,
-        decode_seconds=decode_seconds,
-        new_tokens=new_tokens,
+        kept_per_layer=kept,
+        **decoded,
     )

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from chunkkv_cli.bench import Case, add_ratios, plan_cases, run_bench, search_max_batch
+from chunkkv_cli.options import Compression
 from chunkkv_cli.cli import app
 
 
@@ -54,7 +55,7 @@ def test_ratios_compare_with_fullkv_and_with_no_reuse():
 
 def test_run_bench_on_tiny_model_fills_every_row(model):
     cases = plan_cases("chunkkv", [96], [2], [1])
-    rows = run_bench(model, cases, {"ratio": 0.25, "budget": None, "window": 8, "chunk_size": 4}, 3, 1)
+    rows = run_bench(model, cases, Compression(ratio=0.25, window=8, chunk_size=4), 3, 1)
     assert [(r["method"], r["reuse_layers"]) for r in rows] == [("fullkv", 1), ("chunkkv", 1), ("chunkkv", 2)]
     full, no_reuse, reuse = rows
     assert no_reuse["kv_bytes"] < full["kv_bytes"]

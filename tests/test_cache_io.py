@@ -44,11 +44,11 @@ def loaded_with(model, tokenizer):
 @pytest.fixture
 def use_model(monkeypatch):
     """Patch the CLI's model loader; returns a setter so a test can switch models between commands."""
-    from chunkkv_cli.commands import ask as ask_module
+    from chunkkv_cli.options import ModelSpec
 
     def use(model, tokenizer=None):
         loaded = loaded_with(model, tokenizer or Tokenizer())
-        monkeypatch.setattr(ask_module, "_load", lambda *args, **kwargs: loaded)
+        monkeypatch.setattr(ModelSpec, "load", lambda *args, **kwargs: loaded)
         return loaded
 
     return use

@@ -16,12 +16,12 @@ def tiny_loaded(model, monkeypatch):
     from dataclasses import replace
 
     from chunkkv_cli import model as model_module
-    from chunkkv_cli.commands import ask as ask_module
+    from chunkkv_cli.options import ModelSpec
     from chunkkv_cli.profiles import load_profile
 
     profile = replace(load_profile("smollm2-135m"), max_context=600)
     loaded = model_module.Loaded(model, CharTokenizer(), profile, "cpu")
-    monkeypatch.setattr(ask_module, "_load", lambda *args, **kwargs: loaded)
+    monkeypatch.setattr(ModelSpec, "load", lambda *args, **kwargs: loaded)
     return loaded
 
 
@@ -50,7 +50,7 @@ def test_ask_reads_standard_input(tiny_loaded):
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("method", ["fullkv", "snapkv", "pyramidkv", "h2o", "streamingllm"])
+@pytest.mark.parametrize("method", ["fullkv", "snapkv", "pyramidkv", "h2o", "streamingllm", "keydiff"])
 def test_ask_every_method(tiny_loaded, doc, method):
     result = invoke(doc, "Who?", "--method", method, "--max-new-tokens", "3", "--window", "8", "--json")
     assert result.exit_code == 0, result.output
@@ -110,3 +110,4 @@ def test_truncate_fits_the_context(tiny_loaded, tmp_path):
     result = invoke(long_doc, "q", "--max-new-tokens", "4", "--truncate", "--json", "--window", "8")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout[result.stdout.index("{"):])["prompt_tokens"] <= 596
+

@@ -12,7 +12,7 @@ from chunkkv_cli.compress.h2o import accumulated_attention
 from chunkkv_cli.compress.pyramidkv import PyramidKV
 from chunkkv_cli.errors import ChunkKVError
 
-SCORED = ["chunkkv", "snapkv", "h2o", "streamingllm"]
+SCORED = ["chunkkv", "snapkv", "h2o", "streamingllm", "keydiff"]
 
 
 def qk(batch=2, q_heads=4, kv_heads=2, length=103, dim=16, seed=0):
@@ -137,3 +137,18 @@ def test_blockwise_h2o_scores_match_full_attention():
     full = full.masked_fill(torch.ones(70, 70, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
     expected = full.sum(-2).view(2, 2, groups, 70).sum(2)
     torch.testing.assert_close(accumulated_attention(query, key, 0.25, block=16), expected)
+
+
+def test_keydiff_keeps_the_keys_least_like_the_mean_key_per_head():
+    from chunkkv_cli.compress.keydiff import key_diversity
+
+    length, window = 40, 4
+    key = torch.ones(1, 2, length, 8) + 0.01 * torch.randn(1, 2, length, 8, generator=torch.Generator().manual_seed(0))
+    odd = {0: [3, 17, 25], 1: [5, 9, 30]}
+    for head, positions in odd.items():
+        key[0, head, positions] = -key[0, head, positions]  # pointing away from the mean key
+    assert key_diversity(key).shape == (1, 2, length)
+    query = torch.randn(1, 4, length, 8)  # read by no score: only the keys count
+    idx = make_compressor("keydiff", budget=len(odd[0]) + window, window=window).select(query, key, 0, 4, 0.25)
+    for head, positions in odd.items():
+        assert idx[0, head].tolist() == positions + list(range(length - window, length))

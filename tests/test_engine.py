@@ -58,7 +58,7 @@ def test_fullkv_reproduces_uncompressed_greedy_tokens(model, prompt, reference_t
     assert torch.equal(tokens, reference_tokens)
 
 
-@pytest.mark.parametrize("method", ["chunkkv", "snapkv", "h2o", "streamingllm"])
+@pytest.mark.parametrize("method", ["chunkkv", "snapkv", "h2o", "streamingllm", "keydiff"])
 def test_compressed_cache_holds_exactly_the_budget(model, prompt, method):
     _, kept, target = run(model, prompt, make_compressor(method, budget=40, window=8), new_tokens=1, record=True)
     assert kept == [40] * 4

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chunkkv_cli.compress import make_compressor
+from chunkkv_cli.compress import METHODS, make_compressor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GRAPHED = [name for name, cls in METHODS.items() if cls.graphable]
 
 
-@pytest.mark.parametrize("method", ["chunkkv", "snapkv"])
+@pytest.mark.parametrize("method", GRAPHED)
 @pytest.mark.parametrize("length", [515, 2048])
 def test_graph_replay_selects_what_eager_selects(method, length, monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(0)

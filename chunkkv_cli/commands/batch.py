@@ -10,10 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from chunkkv_cli.commands import ask as ask_cmd
-from chunkkv_cli.commands.ask import Method, MethodOpt
 from chunkkv_cli.commands.options import (
-    require_reusable,
     DEFAULT_MODEL,
     BudgetOpt,
     ChunkSizeOpt,
@@ -22,6 +19,8 @@ from chunkkv_cli.commands.options import (
     DtypeOpt,
     JsonOpt,
     MaxNewTokensOpt,
+    Method,
+    MethodOpt,
     ModelOpt,
     RatioOpt,
     ReuseOpt,
@@ -30,10 +29,10 @@ from chunkkv_cli.commands.options import (
     TruncateOpt,
     TrustRemoteCodeOpt,
     WindowOpt,
-    check_decoder,
-    check_sampling,
+    require_reusable,
 )
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.options import Compression, Generation, ModelSpec
 
 EXAMPLES = """[b]Examples[/b]
 
@@ -85,26 +84,14 @@ def batch(
     json_out: JsonOpt = False,
 ) -> None:
     """Answer a JSONL file of (document, question) jobs: each document compressed once, resumable, data-parallel."""
-    from chunkkv_cli.batch import Rank, Settings, rank_device, run_batch
-    from chunkkv_cli.batch_runner import ModelRunner
-    from chunkkv_cli.jobs import read_jobs
-    from chunkkv_cli.profiles import load_profile
+    from chunkkv_cli.batch import Rank, Settings
 
-    settings = Settings(
-        model, method.value, ratio, budget, chunk_size, window, reuse_layers, max_new_tokens, temperature, top_p,
-        truncate, question_aware, decoder,
-    )  # fmt: skip
-    check_settings(settings)
-    load_profile(model)  # an unknown model fails now, not at the first job
-    check_output(jobs, output)
-    job_list = read_jobs(jobs)
-    rank = Rank.from_env()
-    load = lambda: ask_cmd._load(model, rank_device(device, rank), dtype, trust_remote_code)  # noqa: E731
-    runner = ModelRunner(load, job_list, settings)
-    err = Console(stderr=True)
-    with _progress(err, rank.rank != 0) as progress:
-        reporter = Reporter(progress, rank.rank if rank.world > 1 else None)
-        summary = run_batch(job_list, output, runner, settings, rank, reporter.start, reporter.done)
+    spec = ModelSpec(model, device, dtype, trust_remote_code)
+    compression = Compression(method.value, ratio, budget, window, chunk_size, reuse_layers)
+    settings = Settings.of(spec, compression, Generation(max_new_tokens, temperature, top_p, decoder), truncate,
+                           question_aware)  # fmt: skip
+    require_reusable(compression.compressor(), "batch")
+    summary = run(jobs, output, spec, settings, Rank.from_env())
     if summary is None:
         return  # ranks other than 0: rank 0 merges and reports
     typer.echo(json.dumps(summary, indent=2) if json_out else summary_line(summary))
@@ -112,17 +99,20 @@ def batch(
         raise typer.Exit(1)
 
 
-def check_settings(settings) -> None:
-    """Option errors before anything runs (ratio, budget and window are checked by the method itself)."""
-    from chunkkv_cli.compress import make_compressor
+def run(jobs: Path, output: Path, spec: ModelSpec, settings, rank) -> dict | None:
+    """Check the files, then answer this rank's share of the jobs (the model loads at the first job)."""
+    from chunkkv_cli.batch import rank_device, run_batch
+    from chunkkv_cli.batch_runner import ModelRunner
+    from chunkkv_cli.jobs import read_jobs
+    from chunkkv_cli.profiles import load_profile
 
-    if settings.max_new_tokens < 1:
-        raise ChunkKVError("--max-new-tokens must be at least 1")
-    if settings.reuse_layers < 1:
-        raise ChunkKVError("--reuse-layers must be at least 1")
-    check_decoder(settings.decoder)
-    check_sampling(settings.temperature, settings.top_p)
-    require_reusable(make_compressor(settings.method, ratio=settings.ratio, budget=settings.budget, window=settings.window), "batch")
+    load_profile(spec.model)  # an unknown model fails now, not at the first job
+    check_output(jobs, output)
+    job_list = read_jobs(jobs)
+    runner = ModelRunner(lambda: spec.load(rank_device(spec.device, rank)), job_list, settings)
+    with _progress(Console(stderr=True), rank.rank != 0) as progress:
+        reporter = Reporter(progress, rank.rank if rank.world > 1 else None)
+        return run_batch(job_list, output, runner, settings, rank, reporter.start, reporter.done)
 
 
 def check_output(jobs: Path, output: Path) -> None:

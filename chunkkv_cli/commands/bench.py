@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,17 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chunkkv_cli.commands.options import (
-    BudgetOpt,
-    ChunkSizeOpt,
-    DeviceOpt,
-    JsonOpt,
-    OffloadOpt,
-    RatioOpt,
-    WindowOpt,
-    offload_args,
-)
+from chunkkv_cli.commands.options import BudgetOpt, ChunkSizeOpt, DeviceOpt, JsonOpt, OffloadOpt, RatioOpt, WindowOpt
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.options import Compression, ModelSpec
 from chunkkv_cli.registry import REFERENCE
 
 EXAMPLES = """[b]Examples[/b]
@@ -61,45 +54,21 @@ def bench(
     json_out: JsonOpt = False,
 ) -> None:
     """Time prefill (TTFT), compression, decode and peak memory for fullkv vs a method, with and without index reuse."""
-    from chunkkv_cli.bench import environment, plan_cases, run_bench
-    from chunkkv_cli.compress import METHODS, compressor_for
-    from chunkkv_cli.model import load_model, resolve_device
+    from chunkkv_cli.model import resolve_device
 
     torch_device = resolve_device(device)
     defaults = GPU_DEFAULTS if torch_device.type == "cuda" else CPU_DEFAULTS
-    if method not in METHODS:
-        raise ChunkKVError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    seqs = _sizes(seq or defaults["seq"])
-    reuse = _ints(reuse_layers, "--reuse-layers")
-    batches = _batches(batch)
-    decode_tokens, repeats = _counts(decode_tokens, repeats, defaults)
+    compression = Compression(method, ratio, budget, window, chunk_size, offload=offload)
+    plan = Plan(
+        seqs=_sizes(seq or defaults["seq"]), reuse=_ints(reuse_layers, "--reuse-layers"), batches=_batches(batch),
+        decode_tokens=_given_or(decode_tokens, defaults["decode_tokens"]),
+        repeats=_given_or(repeats, defaults["repeats"]), share_prompt=share_prompt,
+    )  # fmt: skip
     _check_outputs(out, plot)
-    compressor_args = {"ratio": ratio, "budget": budget, "window": window, "chunk_size": chunk_size,
-                       **offload_args(method, offload)}
-    compressor_for(method, **compressor_args)  # validate before loading anything
-    err = Console(stderr=True)
-    if torch_device.type == "cpu":
-        err.print("[yellow]no GPU: timing on the CPU at small lengths; GPU figures need a CUDA device[/]")
-    loaded = load_model(model or defaults["model"], str(torch_device), dtype, random_weights=random_weights, allow_random=True)
-    _check_lengths(seqs, loaded.profile, random=loaded.tokenizer is None, console=err)
+    compression.compressor()  # the method's own checks, before loading anything
     default_decoders = "hf,fast" if torch_device.type == "cuda" and not offload else "hf"
-    decoders = _decoders(decoder or default_decoders, torch_device)
-    cases = plan_cases(method, seqs, reuse, batches, decoders)
-    with err.status("") as status:
-        rows = run_bench(
-            loaded.model, cases, compressor_args, decode_tokens, repeats,
-            on_case=lambda c: status.update(f"[{cases.index(c) + 1}/{len(cases)}] {c.label} · {c.seq} tokens · batch {c.batch}"),
-            share_prompt=share_prompt,
-        )
-    report = {
-        "environment": environment(torch_device),
-        "model": loaded.profile.name,
-        "random_weights": loaded.tokenizer is None,
-        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-        "settings": {"method": method, **compressor_args, "decode_tokens": decode_tokens, "repeats": repeats,
-                     "share_prompt": share_prompt},
-        "rows": rows,
-    }
+    spec = ModelSpec(model or defaults["model"], str(torch_device), dtype or "auto")
+    report = measure(spec, compression, plan, decoder or default_decoders, random_weights)
     if out:
         out.write_text(json.dumps(report, indent=2))
     if plot:
@@ -112,13 +81,9 @@ def bench(
     _render(Console(), report)
 
 
-def _counts(decode_tokens: int | None, repeats: int | None, defaults: dict) -> tuple[int, int]:
-    """The device's defaults where not given; a given 0 is an error, not a default."""
-    decode_tokens = defaults["decode_tokens"] if decode_tokens is None else decode_tokens
-    repeats = defaults["repeats"] if repeats is None else repeats
-    if decode_tokens < 1 or repeats < 1:
-        raise ChunkKVError("--decode-tokens and --repeats must be at least 1")
-    return decode_tokens, repeats
+def _given_or(value: int | None, default: int) -> int:
+    """The device's default where not given; a given 0 stays (and is refused), it is not a default."""
+    return default if value is None else value
 
 
 def _check_outputs(out: Path | None, plot: Path | None) -> None:
@@ -128,6 +93,55 @@ def _check_outputs(out: Path | None, plot: Path | None) -> None:
     for path, flag in ((out, "--out"), (plot, "--plot")):
         if path is not None:
             check_output_file(path, flag, create_folder=True)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the bench measures: prompt lengths, reuse group sizes, batches, and how long and how often."""
+
+    seqs: list[int]
+    reuse: list[int]
+    batches: list
+    decode_tokens: int
+    repeats: int
+    share_prompt: bool = False
+
+    def __post_init__(self) -> None:
+        if self.decode_tokens < 1 or self.repeats < 1:
+            raise ChunkKVError("--decode-tokens and --repeats must be at least 1")
+
+
+def measure(spec: ModelSpec, compression: Compression, plan: Plan, decoders: str, random_weights: bool) -> dict:
+    """Load the model and time every case of the plan; the report that --json prints."""
+    import torch
+
+    from chunkkv_cli.bench import environment, plan_cases, run_bench
+    from chunkkv_cli.model import load_model
+
+    err = Console(stderr=True)
+    device = torch.device(spec.device)
+    if device.type == "cpu":
+        err.print("[yellow]no GPU: timing on the CPU at small lengths; GPU figures need a CUDA device[/]")
+    dtype = None if spec.dtype == "auto" else spec.dtype
+    loaded = load_model(spec.model, spec.device, dtype, random_weights=random_weights, allow_random=True)
+    _check_lengths(plan.seqs, loaded.profile, random=loaded.tokenizer is None, console=err)
+    cases = plan_cases(compression.method, plan.seqs, plan.reuse, plan.batches, _decoders(decoders, device))
+    with err.status("") as status:
+        rows = run_bench(
+            loaded.model, cases, compression, plan.decode_tokens, plan.repeats,
+            on_case=lambda c: status.update(f"[{cases.index(c) + 1}/{len(cases)}] {c.label} · {c.seq} tokens · batch {c.batch}"),
+            share_prompt=plan.share_prompt,
+        )
+    settings = {"method": compression.method, **compression.settings(), "decode_tokens": plan.decode_tokens,
+                "repeats": plan.repeats, "share_prompt": plan.share_prompt}  # fmt: skip
+    return {
+        "environment": environment(device),
+        "model": loaded.profile.name,
+        "random_weights": loaded.tokenizer is None,
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "settings": settings,
+        "rows": rows,
+    }
 
 
 def _sizes(text: str) -> list[int]:

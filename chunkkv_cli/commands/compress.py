@@ -9,24 +9,26 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from chunkkv_cli.commands import ask as ask_cmd
-from chunkkv_cli.commands.ask import Method, MethodOpt
+from chunkkv_cli.commands.common import compress_text, mib, progress_bar, read_text
 from chunkkv_cli.commands.options import (
-    require_reusable,
     DEFAULT_MODEL,
     BudgetOpt,
     ChunkSizeOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    Method,
+    MethodOpt,
     ModelOpt,
     RatioOpt,
     ReuseOpt,
     TruncateOpt,
     TrustRemoteCodeOpt,
     WindowOpt,
+    require_reusable,
 )
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.options import Compression, ModelSpec
 
 EXAMPLES = """[b]Examples[/b]
 
@@ -65,22 +67,18 @@ def compress(
 ) -> None:
     """Prefill a document once and save its compressed KV cache, for `chunkkv ask DOC.ckv "question"`."""
     from chunkkv_cli.cache_io import make_meta, method_meta, model_identity, save
-    from chunkkv_cli.compress import applicable, make_compressor
 
-    if reuse_layers < 1:
-        raise ChunkKVError("--reuse-layers must be at least 1")
-    compressor = make_compressor(
-        method.value, **applicable(method.value, ratio=ratio, budget=budget, window=window, chunk_size=chunk_size)
-    )
+    spec = ModelSpec(model, device, dtype, trust_remote_code)
+    compression = Compression(method.value, ratio, budget, window, chunk_size, reuse_layers)
+    compressor = compression.compressor()
     require_reusable(compressor, "compress")
     out = output_path(document, output)
-    text = ask_cmd._read(document)
-    err = Console(stderr=True)
-    with ask_cmd._progress(err, json_out) as progress:
+    text = read_text(document)
+    with progress_bar(Console(stderr=True), json_out) as progress:
         task = progress.add_task("loading model", total=None)
-        loaded = ask_cmd._load(model, device, dtype, trust_remote_code)
+        loaded = spec.load()
         limit = loaded.profile.max_context - QUESTION_ROOM
-        prefix = compress_text(loaded, text, compressor, reuse_layers, limit, truncate, progress, task)
+        prefix = compress_text(loaded, text, compression, limit, truncate, progress, task)
         progress.update(task, description=f"writing {out.name}", total=None)
         identity = model_identity(loaded, model)
         meta = make_meta(identity, method_meta(compressor, reuse_layers), text, prefix, source_name(document))
@@ -112,19 +110,6 @@ def source_name(document: str) -> str:
     return "standard input" if document == "-" else Path(document).name
 
 
-def compress_text(loaded, text, compressor, reuse_layers, limit, truncate, progress, task):
-    """The document's question-independent prompt prefix, prefilled and compressed (a progress bar per layer)."""
-    from chunkkv_cli.documents import fit_prefix_to_context
-    from chunkkv_cli.reuse import compress_prefix
-
-    progress.update(task, description="tokenising", total=None)
-    ids = fit_prefix_to_context(loaded.tokenizer, text, limit, truncate)
-    ask_cmd.warn_small_budget(progress.console, compressor, len(ids))
-    n_layers = loaded.model.config.num_hidden_layers
-    progress.update(task, description=f"prefill + {compressor.name}", total=n_layers, completed=0)
-    return compress_prefix(loaded.model, ids, compressor, reuse_layers, on_layer=lambda _: progress.advance(task))
-
-
 def _report(out: Path, model_name: str, meta: dict, prefix, size: int) -> dict:
     kept = prefix.kept_lengths()
     return {
@@ -145,7 +130,7 @@ def _report(out: Path, model_name: str, meta: dict, prefix, size: int) -> dict:
 def _summary(r: dict) -> str:
     return (
         f"saved {r['output']}: {r['prefix_tokens']} prompt tokens → {r['kept_tokens']:.0f} kept per layer "
-        f"({r['method']}) · KV {ask_cmd._mib(r['full_kv_bytes'])} → {ask_cmd._mib(r['kept_kv_bytes'])} · "
-        f"{ask_cmd._mib(r['file_bytes'])} on disk · prefill {r['prefill_seconds']:.2f} s "
+        f"({r['method']}) · KV {mib(r['full_kv_bytes'])} → {mib(r['kept_kv_bytes'])} · "
+        f"{mib(r['file_bytes'])} on disk · prefill {r['prefill_seconds']:.2f} s "
         f"(compression {r['compress_seconds'] * 1000:.0f} ms)"
     )

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from chunkkv_cli.commands.common import mib
 from chunkkv_cli.commands.options import JsonOpt
 
 EXAMPLES = """[b]Examples[/b]
@@ -43,15 +44,13 @@ def inspect(
 
 
 def _table(path: Path, r: dict) -> Table:
-    from chunkkv_cli.commands.ask import _mib
-
     kept, model, method, doc = r["kept_per_layer"], r["model"], r["method"], r["document"]
     params = ", ".join(f"{k}={v}" for k, v in method["params"].items() if v is not None)
     table = Table(title=str(path), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     rows = [
-        ("size on disk", f"{_mib(r['file_bytes'])} ({r['file_bytes']:,} bytes)"),
+        ("size on disk", f"{mib(r['file_bytes'])} ({r['file_bytes']:,} bytes)"),
         ("format", f"{r['format']} v{r['format_version']} · chunkkv {r['chunkkv_version']} · {r['created']}"),
         ("model", f"{model['name']} ({model['spec']}) · {model['dtype']}"),
         ("model sha256", f"config {model['config_sha256'][:12]} · weights {model['weights_sha256'][:12]} · "
@@ -62,7 +61,7 @@ def _table(path: Path, r: dict) -> Table:
         ("prompt tokens", f"{r['prefix_tokens']:,} (a question continues at this position)"),
         ("kept per layer", f"min {min(kept)} · mean {sum(kept) / len(kept):.1f} · max {max(kept)} · "
                            f"{'per KV head' if r['per_head'] else 'shared by all heads'}"),
-        ("KV bytes", f"{_mib(r['full_kv_bytes'])} → {_mib(r['kept_kv_bytes'])} over {r['layers']} layers"),
+        ("KV bytes", f"{mib(r['full_kv_bytes'])} → {mib(r['kept_kv_bytes'])} over {r['layers']} layers"),
     ]  # fmt: skip
     for row in rows:
         table.add_row(*row)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
+from chunkkv_cli import registry
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.options import DEFAULT_MODEL  # noqa: F401  (the commands' default, beside their flags)
 
-DEFAULT_MODEL = "smollm2-135m"
+# The registered methods as Typer choices.
+Method = Enum("Method", {name: name for name in registry.names()}, type=str)
+MethodOpt = Annotated[Method, typer.Option(help="KV compression method.")]
 
 ModelOpt = Annotated[
     str,
@@ -49,20 +54,6 @@ DecoderOpt = Annotated[
 ]
 
 
-def check_decoder(decoder: str) -> None:
-    from chunkkv_cli.generate import DECODERS
-
-    if decoder not in DECODERS:
-        raise ChunkKVError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
-
-def check_sampling(temperature: float, top_p: float) -> None:
-    """--temperature is a finite number >= 0 and --top-p a fraction in (0, 1]; NaN fails both comparisons."""
-    if not (0 <= temperature < float("inf")):
-        raise ChunkKVError(f"--temperature must be 0 (greedy) or a positive number, got {temperature}")
-    if not (0 < top_p <= 1):
-        raise ChunkKVError(f"--top-p must be in (0, 1], got {top_p}")
-
-
 def small_budget_warning(compressor, n_tokens: int) -> str | None:
     """A warning when the method would keep fewer tokens than its observation window (the output is then noise)."""
     window = getattr(compressor, "window", None)
@@ -84,17 +75,6 @@ OffloadOpt = Annotated[
     typer.Option(help="clusterkv only: 'cpu' keeps the clustered prompt K/V in pinned host memory and copies in "
                  "the selected tokens at each step (hf decoder)."),
 ]
-
-
-def offload_args(method: str, offload: str | None) -> dict:
-    """Compressor arguments for --offload, which only methods that recall tokens at decode time take."""
-    from chunkkv_cli.compress import method_class
-
-    if offload is None:
-        return {}
-    if "offload" not in method_class(method).parameters():
-        raise ChunkKVError(f"--offload is for methods that recall tokens at decode time (clusterkv), not {method}")
-    return {"offload": offload}
 
 
 def require_reusable(compressor, where: str) -> None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from chunkkv_cli.compress.graphs import GraphedSelection
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.memory import check_ratio_budget, kept_tokens
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,7 @@ class Compressor:
     _graphs: GraphedSelection = field(default_factory=GraphedSelection, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.ratio is not None and not 0 < self.ratio <= 1:
-            raise ChunkKVError(f"--ratio must be in (0, 1], got {self.ratio}")
-        if self.budget is not None and self.budget < 1:
-            raise ChunkKVError(f"--budget must be a positive number of tokens, got {self.budget}")
+        check_ratio_budget(self.ratio, self.budget)
         if self.window < 1:
             raise ChunkKVError(f"--window must be at least 1, got {self.window}")
         if self.ratio is None and self.budget is None:
@@ -75,9 +73,7 @@ class Compressor:
 
     def kept_tokens(self, kv_len: int) -> int:
         """Tokens every layer keeps on average (the uniform budget)."""
-        if self.budget is not None:
-            return min(self.budget, kv_len)
-        return min(kv_len, max(1, round(self.ratio * kv_len)))
+        return kept_tokens(kv_len, self.ratio, self.budget)
 
     def layer_budget(self, kv_len: int, layer_idx: int, n_layers: int) -> int:
         return self.kept_tokens(kv_len)

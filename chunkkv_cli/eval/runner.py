@@ -19,6 +19,8 @@ from chunkkv_cli.compress.base import keep_top
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.eval import scoring
 from chunkkv_cli.eval.data import Sample
+from chunkkv_cli.options import Compression
+from chunkkv_cli.records import RecordFile, RecordFormat, read_records
 from chunkkv_cli.registry import REFERENCE
 
 RECORDS_FILE = "records.jsonl"
@@ -55,6 +57,11 @@ class Settings:
     reuse_layers: int = 1
     max_new_tokens: int = 24
     source: dict = field(default_factory=dict)  # where the samples come from: files, needle, seed
+
+    def compression(self, point: Point) -> Compression:
+        """The options of one grid point: its method and ratio (or budget), this run's window, chunks and reuse."""
+        return Compression(point.method, window=self.window, chunk_size=self.chunk_size,
+                           reuse_layers=self.reuse_layers, **point.compression())  # fmt: skip
 
     def identity(self) -> dict:
         """What a resumed run must share with the records already in --out (grid axes may change)."""
@@ -95,29 +102,14 @@ def record_key(task: str, sample_id: str, method: str, ratio: float | str) -> tu
 
 
 class RecordStore:
-    """`records.jsonl`: finished grid points, appended one line at a time (a torn last line is dropped)."""
+    """`records.jsonl`: finished grid points by key, appended one fsynced line at a time (`records.RecordFile`)."""
 
     def __init__(self, out: Path):
         self.path = Path(out) / RECORDS_FILE
         self.records: dict[tuple, dict] = {}
         if self.path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise ChunkKVError(f"{self.path} is not UTF-8, so not eval records; use another --out") from None
-        for line_no, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
+            for record in read_records(self.path, POINTS):
                 self.records[self.key(record)] = record
-            except (json.JSONDecodeError, KeyError, TypeError):
-                if line_no == len(lines):
-                    continue  # an interrupted write; that point simply runs again
-                raise ChunkKVError(f"{self.path}:{line_no}: not a record; delete the line or use another --out") from None
 
     @staticmethod
     def key(record: dict) -> tuple:
@@ -127,10 +119,17 @@ class RecordStore:
         return key in self.records
 
     def add(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
+        with RecordFile(self.path) as file:
+            file.write(record)
         self.records[self.key(record)] = record
+
+
+POINTS = RecordFormat(
+    what="eval records",
+    is_record=lambda record: all(k in record for k in ("task", "sample", "method", "ratio")),
+    bad_line="not a record; delete the line or use another --out",
+    other_file="use another --out",
+)
 
 
 def check_settings(out: Path, settings: Settings) -> None:
@@ -212,17 +211,16 @@ def evaluate_sample(model, tokenizer, sample: Sample, points: list[Point], setti
 
 def make_targets(model, points: list[Point], settings: Settings) -> list:
     """A compressed-cache target per point; H2O's costly scores are computed once per layer for all its ratios."""
-    from chunkkv_cli.compress import compressor_for
     from chunkkv_cli.generate import new_target
 
     memo = LastLayerScores()
     targets = []
     for point in points:
-        params = dict(**point.compression(), window=settings.window, chunk_size=settings.chunk_size)
-        compressor = compressor_for(point.method, **params)
+        options = settings.compression(point)
+        compressor = options.compressor()
         if isinstance(compressor, H2O):
             compressor = SharedH2O(**point.compression(), window=settings.window, block=compressor.block, memo=memo)
-        targets.append(new_target(model, compressor, settings.reuse_layers, record=settings.task == "similarity"))
+        targets.append(new_target(model, compressor, options.reuse_layers, record=settings.task == "similarity"))
     return targets
 
 
@@ -262,13 +260,21 @@ class _Decided(Exception):
 
 
 def answer_and_score(model, tokenizer, target, pre, sample: Sample, settings: Settings) -> dict:
-    """Greedy answer from the target's cache (stopping early once the needle is found), scored."""
-    from chunkkv_cli.generate import decode
+    """The grid point's record fields: its greedy answer and the task's scores."""
+    decided = _decided_check(settings.task, sample.reference)
+    answer = greedy_answer(model, tokenizer, target, pre, settings.max_new_tokens, decided)
+    return {"answer": answer.text, "new_tokens": answer.new_tokens, "decode_seconds": round(answer.decode_seconds, 3),
+            **score_answer(settings.task, answer.text, sample.reference)}  # fmt: skip
+
+
+def greedy_answer(model, tokenizer, target, pre, max_new_tokens: int, decided=None):
+    """A `result.Answer` from the target's cache; stops early once `decided(text)` says the score cannot change."""
+    from chunkkv_cli.generate import cache_bytes, decode, kept_lengths
     from chunkkv_cli.pipeline import eos_ids, recall_state
+    from chunkkv_cli.result import Answer
 
     stops = eos_ids(model, tokenizer)
     ids: list[int] = []
-    decided = _decided_check(settings.task, sample.reference)
 
     def collect(token) -> None:
         token_id = int(token[0])
@@ -281,13 +287,16 @@ def answer_and_score(model, tokenizer, target, pre, sample: Sample, settings: Se
     start = time.perf_counter()
     recall = recall_state(target.compressor, target.cache)  # clusterkv: clusters to attend through
     try:
-        decode(model, target.cache, pre.logits, pre.prompt_len, settings.max_new_tokens, stops, on_token=collect,
-               recall=recall)
+        decode(model, target.cache, pre.logits, pre.prompt_len, max_new_tokens, stops, on_token=collect, recall=recall)
     except _Decided:
         pass
-    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    return {"answer": text, "new_tokens": len(ids), "decode_seconds": round(time.perf_counter() - start, 3),
-            **score_answer(settings.task, text, sample.reference)}  # fmt: skip
+    kept = kept_lengths(target.cache)
+    return Answer(
+        text=tokenizer.decode(ids, skip_special_tokens=True).strip(), prompt_tokens=pre.prompt_len,
+        kept_tokens=sum(kept) / len(kept), full_kv_bytes=pre.full_bytes, kept_kv_bytes=cache_bytes(target.cache),
+        prefill_seconds=pre.seconds, compress_seconds=pre.compress_seconds, decode_seconds=time.perf_counter() - start,
+        new_tokens=len(ids), token_ids=ids, kept_per_layer=kept,
+    )  # fmt: skip
 
 
 def _decided_check(task: str, reference: dict):
