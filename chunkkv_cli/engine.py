@@ -59,9 +59,16 @@ def use_compressing_attention(model) -> None:
 
 
 def cache_argument(model) -> str:
-    """The name the installed transformers gives the cache argument (`cache` from 5.24, `past_key_values` before)."""
-    forward = getattr(model, "_orig_mod", model).forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    """The name the installed transformers gives the cache argument (`cache` from 5.24, `past_key_values` before).
+
+    A wrapper whose forward names neither (`**kwargs`) gets the installed transformers' own convention.
+    """
+    names = inspect.signature(getattr(model, "_orig_mod", model).forward).parameters
+    if "cache" not in names and "past_key_values" not in names:
+        from transformers import LlamaModel
+
+        names = inspect.signature(LlamaModel.forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
 
 
 def forward(model, input_ids, cache, positions, route: Route | None = None, last_only: bool = False):
