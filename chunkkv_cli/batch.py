@@ -39,7 +39,7 @@ class Settings:
     method: str = "chunkkv"
     ratio: float | None = None
     budget: int | None = None
-    chunk_size: int = 10
+    chunk_size: int | None = None
     window: int = 32
     reuse_layers: int = 1
     max_new_tokens: int = 128

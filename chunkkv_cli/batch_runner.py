@@ -88,7 +88,8 @@ class ModelRunner:
         limit = loaded.profile.max_context - settings.max_new_tokens - self._longest_question(loaded, key)
         ids = fit_prefix_to_context(loaded.tokenizer, text, limit, settings.truncate)
         try:
-            return compress_prefix(loaded.model, ids, compression.compressor(), compression.reuse_layers)
+            return compress_prefix(loaded.model, ids, compression.compressor(), compression.reuse_layers,
+                                   tokenizer=loaded.tokenizer)  # fmt: skip
         except RuntimeError as err:
             if "out of memory" not in str(err).lower():
                 raise

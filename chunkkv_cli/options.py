@@ -30,8 +30,9 @@ class Compression:
         Tokens kept per layer, window included. Overrides ``ratio``.
     window : int, default 32
         The last ``window`` prompt tokens are kept, and score the rest.
-    chunk_size : int, default 10
-        ChunkKV's chunk length (methods without chunks ignore it).
+    chunk_size : int, optional
+        Tokens per chunk kept or dropped together; None leaves each method its own default (chunkkv 10,
+        kvzip 1). Methods without chunks ignore it.
     reuse_layers : int, default 1
         Layers per group sharing one selection (1 = no index reuse).
     offload : str, optional
@@ -42,7 +43,7 @@ class Compression:
     ratio: float | None = None
     budget: int | None = None
     window: int = 32
-    chunk_size: int = 10
+    chunk_size: int | None = None
     reuse_layers: int = 1
     offload: str | None = None
 

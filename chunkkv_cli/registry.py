@@ -19,6 +19,11 @@ REGISTRY: dict[str, str] = {
     "kvzip": "chunkkv_cli.compress.kvzip:KVzip",
 }
 
+# The default method when the question is in the prompt (ask DOC QUESTION, batch --question-aware), and when
+# a document is compressed before its questions are known (compress, ask --questions, batch).
+DEFAULT = "chunkkv"
+QUESTION_AGNOSTIC_DEFAULT = "kvzip"
+
 # The uncompressed cache: the reference row every bench and eval table is compared with.
 REFERENCE = "fullkv"
 

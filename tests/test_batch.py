@@ -106,7 +106,7 @@ def test_default_ids_follow_the_job_not_its_line(docs):
 
 
 def test_batch_methods_are_the_registered_methods_whose_compression_is_reusable():
-    from chunkkv_cli.commands.ask import Method
+    from chunkkv_cli.commands.options import Method
     from chunkkv_cli.compress import METHODS
 
     assert set(batch_methods()) == {m.value for m in Method if METHODS[m.value].caps.reusable}

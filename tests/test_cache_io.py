@@ -78,7 +78,8 @@ def json_of(result) -> dict:
 
 
 def compress_cli(doc, out, *extra):
-    result = cli("compress", doc, "-o", out, "--ratio", "0.3", "--window", "8", *extra, "--json")
+    method = () if "--method" in extra else ("--method", "chunkkv")
+    result = cli("compress", doc, "-o", out, "--ratio", "0.3", "--window", "8", *method, *extra, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -209,8 +210,8 @@ def test_interrupted_compress_command_leaves_no_file(model, use_model, files, mo
 def test_ask_saved_cache_equals_compress_and_ask_in_one_process(model, use_model, files):
     doc, questions, out = files
     use_model(model)
-    report = compress_cli(doc, out)
-    assert report["prefix_tokens"] == len(prefix_ids(Tokenizer(), DOC)) and out.stat().st_size == report["file_bytes"]
+    report = compress_cli(doc, out, "--method", "kvzip")  # both paths' default: compression before the questions
+    assert report["method"] == "kvzip" and report["prefix_tokens"] == len(prefix_ids(Tokenizer(), DOC)) and out.stat().st_size == report["file_bytes"]
     options = ("--ratio", "0.3", "--window", "8")
     together = jsonl(cli("ask", doc, "--questions", questions, *options, "--max-new-tokens", "12", "--json"))
     from_file = jsonl(cli("ask", out, "--questions", questions, "--max-new-tokens", "12", "--json"))
@@ -218,6 +219,14 @@ def test_ask_saved_cache_equals_compress_and_ask_in_one_process(model, use_model
     assert [r["question"] for r in together] == QUESTIONS
     assert [r["answer"] for r in together] == [r["answer"] for r in from_file]
     assert one["answer"] == together[1]["answer"] and one["new_tokens"] == 12 and one["cache"] == str(out)
+
+
+def test_compress_defaults_to_the_question_agnostic_method(tmp_path):
+    doc, out = tmp_path / "doc.md", tmp_path / "doc.ckv"
+    doc.write_text(DOC)
+    result = cli("compress", str(doc), "-o", str(out), "--ratio", "0.3", "--window", "8", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["method"] == "kvzip"
 
 
 def test_saved_cache_answers_match_the_library_tokens(model, use_model, files):
@@ -342,7 +351,17 @@ def test_garbage_and_foreign_files(tmp_path, use_model, model):
 
 
 def test_compression_options_are_refused_for_a_saved_cache(saved):
-    one_line_error(cli("ask", saved, "Who?", "--ratio", "0.5"), "--ratio sets how a document is compressed")
+    one_line_error(cli("ask", saved, "Who?", "--reuse-layers", "2"), "--reuse-layers sets how a document is compressed")
+    one_line_error(cli("ask", saved, "Who?", "--method", "snapkv"), "give --ratio or --budget")
+    one_line_error(cli("ask", saved, "Who?", "--ratio", "0.1", "--method", "h2o"), "h2o cannot narrow")
+
+
+def test_a_saved_cache_is_narrowed_per_question_by_ratio(saved):
+    plain = json_of(cli("ask", saved, "Who?", "--max-new-tokens", "4", "--json"))
+    narrowed = json_of(cli("ask", saved, "Who?", "--ratio", "0.1", "--max-new-tokens", "4", "--json"))
+    assert narrowed["narrowed_by"] == "chunkkv" and narrowed["kept_tokens"] < plain["kept_tokens"]
+    document_tokens = plain["prompt_tokens"] - len(question_ids(Tokenizer(), "Who?"))
+    assert narrowed["kept_tokens"] == round(0.1 * document_tokens)
 
 
 def test_question_arguments(saved, files):

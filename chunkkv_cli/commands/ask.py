@@ -30,7 +30,7 @@ from chunkkv_cli.commands.options import (
     DtypeOpt,
     JsonOpt,
     MaxNewTokensOpt,
-    Method,
+    method_name,
     MethodOpt,
     ModelOpt,
     OffloadOpt,
@@ -69,7 +69,9 @@ QuestionsOpt = Annotated[
     ),
 ]
 # Options that decide how a document is compressed: meaningless for a cache that is already compressed.
-COMPRESSION_OPTIONS = ("method", "ratio", "budget", "chunk_size", "window", "reuse_layers", "truncate")
+COMPRESSION_OPTIONS = ("reuse_layers", "truncate")
+# With a .ckv, these narrow the stored tokens per question (the question's queries score them); they need a size.
+NARROWING_OPTIONS = ("method", "ratio", "budget", "chunk_size", "window")
 
 
 def ask(
@@ -81,10 +83,10 @@ def ask(
     question: Annotated[Optional[str], typer.Argument(help="The question to answer from the document.")] = None,
     questions: QuestionsOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
-    method: MethodOpt = Method.chunkkv,
+    method: MethodOpt = None,
     ratio: RatioOpt = None,
     budget: BudgetOpt = None,
-    chunk_size: ChunkSizeOpt = 10,
+    chunk_size: ChunkSizeOpt = None,
     window: WindowOpt = 32,
     reuse_layers: ReuseOpt = 1,
     max_new_tokens: MaxNewTokensOpt = 128,
@@ -104,8 +106,10 @@ def ask(
     asked = _questions(question, questions)
     if document.endswith(".ckv"):
         _reject_compression_options(ctx, document)
-        return _ask_cache(document, asked, spec, given(ctx, "model"), generation, json_out, many=questions is not None)
-    compression = Compression(method.value, ratio, budget, window, chunk_size, reuse_layers, offload)
+        narrow = _narrowing(ctx, method, ratio, budget, window, chunk_size)
+        return _ask_cache(document, asked, spec, given(ctx, "model"), generation, json_out, questions is not None, narrow)
+    compression = Compression(method_name(method, questions is None), ratio, budget, window, chunk_size, reuse_layers,
+                              offload)  # fmt: skip
     compressor = compression.compressor()  # the method's own checks fail before the document is read
     if questions is not None:
         require_reusable(compressor, "ask --questions")
@@ -180,7 +184,18 @@ def _reject_compression_options(ctx: typer.Context, document: str) -> None:
         )
 
 
-def _ask_cache(path, asked, spec, model_given, generation, json_out, many):
+def _narrowing(ctx, method, ratio, budget, window, chunk_size):
+    """The method that re-selects a stored cache's tokens with each question as its window, or None."""
+    set_here = [name for name in NARROWING_OPTIONS if given(ctx, name)]
+    if not set_here:
+        return None
+    if ratio is None and budget is None:
+        raise ChunkKVError(f"--{set_here[0].replace('_', '-')} with a .ckv narrows the stored tokens per question: "
+                           "give --ratio or --budget (of the document) to say how many to keep")  # fmt: skip
+    return Compression(method_name(method, True), ratio, budget, window, chunk_size).compressor()
+
+
+def _ask_cache(path, asked, spec, model_given, generation, json_out, many, narrow=None):
     """Answer from a saved .ckv: the model is --model if given, else the one the cache was made with."""
     from chunkkv_cli.cache_io import check_model, check_shapes, model_identity, read
     from chunkkv_cli.documents import question_ids
@@ -196,9 +211,11 @@ def _ask_cache(path, asked, spec, model_given, generation, json_out, many):
     suffixes = [question_ids(loaded.tokenizer, q) for q in asked]
     _check_room(prefix.prefix_len, suffixes, generation.max_new_tokens, loaded.profile.max_context, path)
     label = {"method": meta["method"]["name"], "model": loaded.profile.name, "cache": path}
+    if narrow is not None:
+        label["narrowed_by"] = narrow.name
     if many:
-        return _answer_table(loaded, prefix, asked, suffixes, label, json_out, generation)
-    _answer_one_cached(loaded, prefix, suffixes[0], label, json_out, generation)
+        return _answer_table(loaded, prefix, asked, suffixes, label, json_out, generation, narrow)
+    _answer_one_cached(loaded, prefix, suffixes[0], label, json_out, generation, narrow)
 
 
 def _check_room(prefix_len: int, suffixes: list, max_new_tokens: int, max_context: int, path: str) -> None:
@@ -226,7 +243,7 @@ def _ask_many(text, asked, spec, compression, generation, truncate, json_out):
     _answer_table(loaded, prefix, asked, suffixes, label, json_out, generation)
 
 
-def _answer_table(loaded, prefix, asked, suffixes, label, json_out, generation) -> None:
+def _answer_table(loaded, prefix, asked, suffixes, label, json_out, generation, narrow=None) -> None:
     """One row per question (JSONL lines as they finish with --json, else a table at the end)."""
     from chunkkv_cli.reuse import answer_question
 
@@ -235,7 +252,7 @@ def _answer_table(loaded, prefix, asked, suffixes, label, json_out, generation) 
         task = progress.add_task("answering", total=len(asked))
         for question, ids in zip(asked, suffixes):
             start = time.perf_counter()
-            result = answer_question(loaded.model, loaded.tokenizer, prefix, ids, **generation.kwargs())
+            result = answer_question(loaded.model, loaded.tokenizer, prefix, ids, **generation.kwargs(), narrow=narrow)
             row = {"question": question, "answer": result.text, "seconds": round(time.perf_counter() - start, 3),
                    "new_tokens": result.new_tokens, "prompt_tokens": result.prompt_tokens,
                    "kept_tokens": result.kept_tokens, **label}  # fmt: skip
@@ -259,11 +276,12 @@ def _table(rows: list[dict], label: dict) -> Table:
     return table
 
 
-def _answer_one_cached(loaded, prefix, ids, label, json_out, generation) -> None:
+def _answer_one_cached(loaded, prefix, ids, label, json_out, generation, narrow=None) -> None:
     from chunkkv_cli.reuse import answer_question
 
     on_text = None if json_out else emit
-    result = answer_question(loaded.model, loaded.tokenizer, prefix, ids, on_text=on_text, **generation.kwargs())
+    result = answer_question(loaded.model, loaded.tokenizer, prefix, ids, on_text=on_text, **generation.kwargs(),
+                             narrow=narrow)  # fmt: skip
     if json_out:
         typer.echo(json.dumps({**label, **result.record()}, indent=2))
         return

@@ -19,7 +19,7 @@ from chunkkv_cli.commands.options import (
     DtypeOpt,
     JsonOpt,
     MaxNewTokensOpt,
-    Method,
+    method_name,
     MethodOpt,
     ModelOpt,
     RatioOpt,
@@ -60,10 +60,10 @@ def batch(
     jobs: Annotated[Path, typer.Argument(help="JSONL file, one job per line: {\"document\": PATH, \"question\": TEXT} (see below).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Answers file: JSONL, one record per job, in input order.")],
     model: ModelOpt = DEFAULT_MODEL,
-    method: MethodOpt = Method.chunkkv,
+    method: MethodOpt = None,
     ratio: RatioOpt = None,
     budget: BudgetOpt = None,
-    chunk_size: ChunkSizeOpt = 10,
+    chunk_size: ChunkSizeOpt = None,
     window: WindowOpt = 32,
     reuse_layers: ReuseOpt = 1,
     max_new_tokens: MaxNewTokensOpt = 128,
@@ -87,7 +87,7 @@ def batch(
     from chunkkv_cli.batch import Rank, Settings
 
     spec = ModelSpec(model, device, dtype, trust_remote_code)
-    compression = Compression(method.value, ratio, budget, window, chunk_size, reuse_layers)
+    compression = Compression(method_name(method, question_aware), ratio, budget, window, chunk_size, reuse_layers)
     settings = Settings.of(spec, compression, Generation(max_new_tokens, temperature, top_p, decoder), truncate,
                            question_aware)  # fmt: skip
     require_reusable(compression.compressor(), "batch")

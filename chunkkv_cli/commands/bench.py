@@ -46,7 +46,7 @@ def bench(
     share_prompt: Annotated[bool, typer.Option(help="Prefill one sequence and copy its cache to the whole --batch (decode timing where a batched prefill would not fit; prefill figures are then per sequence).")] = False,
     random_weights: Annotated[bool, typer.Option(help="Random weights of the profile's shape (default when it has no weights).")] = False,
     window: WindowOpt = 32,
-    chunk_size: ChunkSizeOpt = 10,
+    chunk_size: ChunkSizeOpt = None,
     device: DeviceOpt = "auto",
     dtype: Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32.", show_default="bf16 on GPU, fp32 on CPU")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Also write the JSON results to this file.")] = None,

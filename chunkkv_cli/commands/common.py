@@ -72,4 +72,4 @@ def compress_text(loaded, text: str, compression, limit: int, truncate: bool, pr
     n_layers = loaded.model.config.num_hidden_layers
     progress.update(task, description=f"prefill + {compressor.name}", total=n_layers, completed=0)
     on_layer = lambda _: progress.advance(task)  # noqa: E731
-    return compress_prefix(loaded.model, ids, compressor, compression.reuse_layers, on_layer=on_layer)
+    return compress_prefix(loaded.model, ids, compressor, compression.reuse_layers, on_layer, loaded.tokenizer)

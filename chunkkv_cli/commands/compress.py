@@ -17,7 +17,7 @@ from chunkkv_cli.commands.options import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
-    Method,
+    method_name,
     MethodOpt,
     ModelOpt,
     RatioOpt,
@@ -53,10 +53,10 @@ def compress(
         typer.Option("--output", "-o", help="The cache file to write, ending in .ckv.", show_default="DOCUMENT.ckv"),
     ] = None,
     model: ModelOpt = DEFAULT_MODEL,
-    method: MethodOpt = Method.chunkkv,
+    method: MethodOpt = None,
     ratio: RatioOpt = None,
     budget: BudgetOpt = None,
-    chunk_size: ChunkSizeOpt = 10,
+    chunk_size: ChunkSizeOpt = None,
     window: WindowOpt = 32,
     reuse_layers: ReuseOpt = 1,
     truncate: TruncateOpt = False,
@@ -69,7 +69,7 @@ def compress(
     from chunkkv_cli.cache_io import make_meta, method_meta, model_identity, save
 
     spec = ModelSpec(model, device, dtype, trust_remote_code)
-    compression = Compression(method.value, ratio, budget, window, chunk_size, reuse_layers)
+    compression = Compression(method_name(method, question_known=False), ratio, budget, window, chunk_size, reuse_layers)
     compressor = compression.compressor()
     require_reusable(compressor, "compress")
     out = output_path(document, output)

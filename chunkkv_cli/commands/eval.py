@@ -103,7 +103,7 @@ def eval_command(
     lengths: LengthsOpt = "1k,2k,4k",
     depths: DepthsOpt = 5,
     window: WindowOpt = 32,
-    chunk_size: ChunkSizeOpt = 10,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Tokens per chunk (chunkkv, kvzip).")] = 10,
     reuse_layers: ReuseOpt = 1,
     max_new_tokens: MaxNewOpt = None,
     seed: SeedOpt = 0,

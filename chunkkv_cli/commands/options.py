@@ -13,7 +13,21 @@ from chunkkv_cli.options import DEFAULT_MODEL  # noqa: F401  (the commands' defa
 
 # The registered methods as Typer choices.
 Method = Enum("Method", {name: name for name in registry.names()}, type=str)
-MethodOpt = Annotated[Method, typer.Option(help="KV compression method.")]
+MethodOpt = Annotated[
+    Optional[Method],
+    typer.Option(
+        help=f"KV compression method (`chunkkv methods`) [default: {registry.DEFAULT} when the question is in the "
+        f"prompt, {registry.QUESTION_AGNOSTIC_DEFAULT} when the document is compressed before its questions].",
+        show_default=False,
+    ),
+]
+
+
+def method_name(method, question_known: bool) -> str:
+    """--method, or the default for a prompt that does (or does not yet) hold the question."""
+    if method is not None:
+        return method.value
+    return registry.DEFAULT if question_known else registry.QUESTION_AGNOSTIC_DEFAULT
 
 ModelOpt = Annotated[
     str,
@@ -36,7 +50,11 @@ DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (every visible GPU, layers spread over them; else the CPU), cpu, cuda or cuda:N.")
 ]
 WindowOpt = Annotated[int, typer.Option("--window", help="Observation window: the last W prompt tokens score the rest.")]
-ChunkSizeOpt = Annotated[int, typer.Option("--chunk-size", help="ChunkKV chunk length in tokens.")]
+ChunkSizeOpt = Annotated[
+    Optional[int],
+    typer.Option("--chunk-size", help="Tokens per chunk kept or dropped together [default: the method's own: 10 for "
+                 "chunkkv, 1 for kvzip].", show_default=False),
+]
 ReuseOpt = Annotated[
     int,
     typer.Option("--reuse-layers", help="ChunkKV layer-wise index reuse: layers per group sharing one selection (1 = off)."),

@@ -35,14 +35,18 @@ class KVzip(Compressor):
 
     Parameters
     ----------
-    chunk_size : int, default 10
-        Tokens per chunk kept or dropped together (1 = token by token).
+    chunk_size : int, default 1
+        Tokens per chunk kept or dropped together, a chunk scoring its best token (ChunkKV's idea; 1 = token
+        by token, which answered more of the bundled sample's questions than 10: README).
     heads : str, default "shared"
         "shared": one index set per layer (a token's score is its best head's), as ChunkKV;
         "each": every KV head picks its own chunks (same count per head).
     budget_shape : str, default "adaptive"
         "adaptive": one threshold over all layers' chunk scores, so layers keep different lengths and
         the total equals a uniform budget's; "uniform": the same budget in every layer.
+    uniform_share : float, default 0.0
+        With the adaptive shape, this share of the budget is spread evenly over the layers first (a floor
+        for layers whose heads score low); the rest follows the threshold.
     sinks : int, default 4
         The first tokens, always kept.
     repeat_chunk : int, default 2048
@@ -55,12 +59,13 @@ class KVzip(Compressor):
         Repeat queries scored at a time (memory vs. speed).
     """
 
-    chunk_size: int = 10
+    chunk_size: int = 1
     heads: str = "shared"
     budget_shape: str = "adaptive"
     sinks: int = 4
     repeat_chunk: int = 2048
     normalize: str = "local"
+    uniform_share: float = 0.0
     block: int = 512
 
     pass_request: ClassVar[str] = REPEAT_REQUEST
@@ -73,6 +78,8 @@ class KVzip(Compressor):
             raise ChunkKVError(f"kvzip: heads must be shared or each, got {self.heads!r}")
         if self.budget_shape not in ("adaptive", "uniform"):
             raise ChunkKVError(f"kvzip: budget_shape must be adaptive or uniform, got {self.budget_shape!r}")
+        if not 0 <= self.uniform_share <= 1:
+            raise ChunkKVError(f"kvzip: uniform_share must be in [0, 1], got {self.uniform_share}")
         if self.normalize not in ("local", "full"):
             raise ChunkKVError(f"kvzip: normalize must be local or full, got {self.normalize!r}")
         if min(self.chunk_size, self.repeat_chunk, self.block) < 1 or self.sinks < 0:
@@ -94,7 +101,9 @@ class KVzip(Compressor):
         if n_kept >= doc_len:
             return [None] * len(scores)
         pooled = [self._token_scores(s[..., : doc_len - window], sinks) for s in scores]
-        counts = self._layer_counts(pooled, n_kept - window)
+        adaptive = self._layer_counts(pooled, n_kept - window)
+        spread = self.uniform_share * (n_kept - window)
+        counts = [min(round(spread + (1 - self.uniform_share) * c), doc_len - window) for c in adaptive]
         return [self._layer_indices(p, count, window, doc_len) for p, count in zip(pooled, counts)]
 
     def _token_scores(self, scores: torch.Tensor, sinks: int) -> torch.Tensor:
