@@ -12,6 +12,7 @@ from transformers import DynamicCache
 from chunkkv_cli.compress import Compressor
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.compress.base import gather_tokens
+from chunkkv_cli.documents import pass_request_ids
 from chunkkv_cli.engine import CompressionSession, Target, forward, full_range, store_layer, use_compressing_attention
 from chunkkv_cli.options import DECODERS
 
@@ -37,13 +38,13 @@ def new_target(model, compressor: Compressor, reuse_layers: int = 1, record: boo
 
 
 @torch.inference_mode()
-def prefill(model, input_ids: torch.Tensor, targets: list[Target], on_layer=None, repeat_prompt=()) -> Prefill:
+def prefill(model, input_ids: torch.Tensor, targets: list[Target], on_layer=None, repeat_prompt=None, tokenizer=None) -> Prefill:
     """Run the prompt once; every target's cache ends up holding its compressed KV.
 
     input_ids: (batch, prompt_len). With several targets the model works on a scratch cache
     whose layers are freed as soon as the targets have taken their share. Methods with a scoring
     pass of their own (`caps.own_pass`) keep the full cache through the forward, then run that pass
-    (`repeat_prompt`: token ids asking the model to repeat the document) and keep what it chooses;
+    (`repeat_prompt`: token ids of the method's request, else phrased by `tokenizer`) and keep what it chooses;
     `seconds` and `compress_seconds` include the pass.
     """
     use_compressing_attention(model)
@@ -57,7 +58,8 @@ def prefill(model, input_ids: torch.Tensor, targets: list[Target], on_layer=None
     forward_done = time.perf_counter()
     for target in targets:
         if target.compressor.caps.own_pass:
-            apply_score_pass(model, target, input_ids, repeat_prompt)
+            request = repeat_prompt if repeat_prompt is not None else pass_request_ids(tokenizer, target.compressor)
+            apply_score_pass(model, target, input_ids, request)
     synchronize(input_ids.device)
     pass_seconds = time.perf_counter() - forward_done
     logits = out.logits[:, -1].float()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import types
 
 import pytest
@@ -266,9 +267,9 @@ def count_prefills(monkeypatch):
     calls = []
     real = generate.prefill
 
-    def counting(model, input_ids, targets, on_layer=None):
+    def counting(model, input_ids, targets, on_layer=None, **kwargs):
         calls.append(len(targets))
-        return real(model, input_ids, targets, on_layer)
+        return real(model, input_ids, targets, on_layer, **kwargs)
 
     monkeypatch.setattr(generate, "prefill", counting)
     return calls
@@ -392,3 +393,33 @@ def test_longqa_without_data_uses_the_bundled_sample():
     items, source = _qa_items("longqa", None)
     assert len(items) == 12 and source == {"data": "samples/lighthouse.md + samples/questions.jsonl"}
     assert all("Tollivar" in item.context for item in items)
+
+
+def test_question_agnostic_runs_compress_the_document_before_the_question(model, tmp_path, monkeypatch):
+    import chunkkv_cli.generate as generate
+
+    seen = []
+    real = generate.prefill
+
+    def recording(model, input_ids, targets, on_layer=None, **kwargs):
+        seen.append(input_ids.shape[1])
+        return real(model, input_ids, targets, on_layer, **kwargs)
+
+    monkeypatch.setattr(generate, "prefill", recording)
+    samples = [replace(s, split=100) for s in tiny_samples()]
+    settings = runner.Settings("needle", "tiny", ["kvzip", "chunkkv", "fullkv"], [0.3], window=8, max_new_tokens=3,
+                               question_agnostic=True)  # fmt: skip
+    store = runner.run_grid(model, CharTokenizer(), samples, settings, tmp_path)
+    assert seen == [100, 100, 100] and len(store.records) == 9
+    assert all(r["prompt_tokens"] == 120 for r in store.records.values())
+    aware = runner.Settings("needle", "tiny", ["fullkv"], [1.0], window=8, max_new_tokens=3)
+    full = runner.run_grid(model, CharTokenizer(), samples, aware, tmp_path / "aware")
+    same = {r["sample"]: r["answer"] for r in store.records.values() if r["method"] == "fullkv"}
+    assert same == {r["sample"]: r["answer"] for r in full.records.values()}  # the full cache loses nothing by the split
+
+
+def test_question_agnostic_is_for_tasks_with_a_question():
+    from chunkkv_cli.commands.eval import _agnostic_task
+
+    with pytest.raises(ChunkKVError, match="needle and longqa"):
+        _agnostic_task(True, "manyshot")

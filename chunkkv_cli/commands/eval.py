@@ -85,6 +85,19 @@ MaxNewOpt = Annotated[
     Optional[int], typer.Option(help="Most tokens per answer (default: needle 24, longqa 32, manyshot 64).")
 ]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the generated haystack and arithmetic problems.")]
+AgnosticOpt = Annotated[
+    bool,
+    typer.Option(help="needle, longqa: compress each document before its question is appended (as compress, "
+                 "ask --questions and batch do), then ask."),
+]
+
+
+def _agnostic_task(agnostic: bool, task: str) -> bool:
+    if agnostic and task not in ("needle", "longqa"):
+        raise ChunkKVError(f"--question-agnostic is for needle and longqa, not {task}")
+    return agnostic
+
+
 OutOpt = Annotated[Path, typer.Option(help="Folder for records.jsonl, results.json and plots; rerun to resume.")]
 
 
@@ -103,9 +116,10 @@ def eval_command(
     lengths: LengthsOpt = "1k,2k,4k",
     depths: DepthsOpt = 5,
     window: WindowOpt = 32,
-    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Tokens per chunk (chunkkv, kvzip).")] = 10,
+    chunk_size: ChunkSizeOpt = None,
     reuse_layers: ReuseOpt = 1,
     max_new_tokens: MaxNewOpt = None,
+    question_agnostic: AgnosticOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = Path("eval-out"),
@@ -121,23 +135,26 @@ def eval_command(
         methods=parse_methods(methods, task_name),
         ratios=grid_values(ratios, budgets),
         window=_at_least(window, 1, "--window"),
-        chunk_size=_at_least(chunk_size, 1, "--chunk-size"),
+        chunk_size=chunk_size if chunk_size is None else _at_least(chunk_size, 1, "--chunk-size"),
         reuse_layers=_at_least(reuse_layers, 1, "--reuse-layers"),
         max_new_tokens=_at_least(_or_default(max_new_tokens, task_name), 1, "--max-new-tokens"),
+        question_agnostic=_agnostic_task(question_agnostic, task_name),
     )
-    if limit is not None:
-        _at_least(limit, 1, "--limit")
+    limit = limit if limit is None else _at_least(limit, 1, "--limit")
     raw, settings.source = read_task_data(
         task_name, data, haystack, needle_triple(needle, needle_question, needle_answer), limit, seed,
         parse_lengths(lengths), depth_list(depths),
     )
     check_out(out, settings)
     err = Console(stderr=True)
-    with err.status("loading model", spinner="dots") if err.is_terminal else nullcontext():
-        loaded = _load(model, device)
+    loaded = _load_quietly(model, device, err)
     samples = make_samples(raw, loaded.tokenizer, loaded.profile.max_context - settings.max_new_tokens)
-    results = _run(loaded, samples, settings, out, err)
-    _report(results, err, json_out)
+    _report(_run(loaded, samples, settings, out, err), err, json_out)
+
+
+def _load_quietly(model: str, device: str, err: Console):
+    with err.status("loading model", spinner="dots") if err.is_terminal else nullcontext():
+        return _load(model, device)
 
 
 def check_out(out: Path, settings) -> None:

@@ -24,6 +24,14 @@ class Sample:
     prompt: list[int]
     reference: dict = field(default_factory=dict)  # {"value": ...}, {"answers": [...]} or {"number": ...}
     meta: dict = field(default_factory=dict)  # e.g. needle length and depth, number of shots
+    split: int | None = None  # where the question starts in `prompt` (question-agnostic runs compress before it)
+
+
+def question_start(tokenizer, prompt: list[int], question: str) -> int:
+    """Where `question` starts in a prompt built by `documents.prompt_ids` (its tokens end the prompt)."""
+    from chunkkv_cli.documents import question_ids
+
+    return len(prompt) - len(question_ids(tokenizer, question))
 
 
 @dataclass
@@ -238,7 +246,8 @@ def needle_samples(
             ids = prompt_ids(tokenizer, insert_needle(tokenizer, hay, length, depth, text), question)
             _check_fits(ids, max_prompt, f"--lengths {length}")
             meta = {"length": length, "depth": depth}
-            samples.append(Sample(f"L{length}-d{depth:g}", ids, {"value": value}, meta))
+            split = question_start(tokenizer, ids, question)
+            samples.append(Sample(f"L{length}-d{depth:g}", ids, {"value": value}, meta, split))
     return samples
 
 
@@ -255,7 +264,7 @@ def longqa_samples(tokenizer, items: list[QA], max_prompt: int) -> list[Sample]:
     for item in items:
         ids, cut = middle_truncated_prompt(tokenizer, item.context, item.question, max_prompt)
         meta = {"truncated": cut} | ({"length": item.length} if item.length is not None else {})
-        samples.append(Sample(item.id, ids, {"answers": item.answers}, meta))
+        samples.append(Sample(item.id, ids, {"answers": item.answers}, meta, question_start(tokenizer, ids, item.question)))
     return samples
 
 

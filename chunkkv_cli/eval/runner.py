@@ -53,9 +53,10 @@ class Settings:
     methods: list[str]
     ratios: list[float]
     window: int = 32
-    chunk_size: int = 10
+    chunk_size: int | None = None  # None: each method's own
     reuse_layers: int = 1
     max_new_tokens: int = 24
+    question_agnostic: bool = False  # compress each sample's document before its question is appended
     source: dict = field(default_factory=dict)  # where the samples come from: files, needle, seed
 
     def compression(self, point: Point) -> Compression:
@@ -65,7 +66,7 @@ class Settings:
 
     def identity(self) -> dict:
         """What a resumed run must share with the records already in --out (grid axes may change)."""
-        keep = ("task", "model", "window", "chunk_size", "reuse_layers", "max_new_tokens", "source")
+        keep = ("task", "model", "window", "chunk_size", "reuse_layers", "max_new_tokens", "question_agnostic", "source")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -196,17 +197,30 @@ def evaluate_sample(model, tokenizer, sample: Sample, points: list[Point], setti
 
     targets = make_targets(model, points, settings)
     device = next(model.parameters()).device
-    pre = prefill(model, torch.tensor([sample.prompt], device=device), targets)
+    agnostic = settings.question_agnostic and sample.split is not None
+    seen = sample.prompt[: sample.split] if agnostic else sample.prompt
+    pre = prefill(model, torch.tensor([seen], device=device), targets, tokenizer=tokenizer)
     base = {"task": settings.task, "sample": sample.id, "meta": sample.meta, "prompt_tokens": len(sample.prompt)}
     for point, target in zip(points, targets):
         kept = _mean_kept(target)
         if settings.task == "similarity":
             result = {"score": None, **similarity_metrics(target.kept)}
         else:
-            result = answer_and_score(model, tokenizer, target, pre, sample, settings)
+            after = with_the_question(model, target, pre, sample) if agnostic else pre
+            result = answer_and_score(model, tokenizer, target, after, sample, settings)
         target.cache = None  # free this method's cache before the next decode
         yield {**base, "method": point.method, "ratio": point.ratio, "kept_tokens": kept,
                "prefill_seconds": round(pre.seconds, 3), **result}  # fmt: skip
+
+
+def with_the_question(model, target, pre, sample: Sample):
+    """Append the question to a cache compressed without it; the prefill record, now ending after the question."""
+    from dataclasses import replace
+
+    from chunkkv_cli.reuse import append
+
+    logits = append(model, target.cache, sample.prompt[sample.split :], sample.split)
+    return replace(pre, logits=logits, prompt_len=len(sample.prompt))
 
 
 def make_targets(model, points: list[Point], settings: Settings) -> list:
