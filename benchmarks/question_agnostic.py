@@ -40,7 +40,7 @@ def compressor(method: str, ratio: float, window: int):
 def aware_answers(model, tok, ids, grid, window, max_new_tokens) -> list[str]:
     """One prefill of the whole prompt feeds every grid point's cache; each is decoded in turn."""
     targets = [new_target(model, compressor(m, r, window)) for m, r in grid]
-    pre = prefill(model, torch.tensor([ids]), targets)
+    pre = prefill(model, torch.tensor([ids]), targets, tokenizer=tok)
     answers = []
     for target in targets:
         stream = TextStream(tok, None, eos_ids(model, tok))
@@ -70,7 +70,7 @@ def main() -> None:
     doc = (SAMPLES / "lighthouse.md").read_text()
     qa = [json.loads(line) for line in (SAMPLES / "questions.jsonl").read_text().splitlines() if line.strip()]
     start = time.perf_counter()
-    prefixes = [compress_prefix(model, prefix_ids(tok, doc), compressor(m, r, args.window)) for m, r in grid]
+    prefixes = [compress_prefix(model, prefix_ids(tok, doc), compressor(m, r, args.window), tokenizer=tok) for m, r in grid]
     agnostic = [[] for _ in grid]
     aware = [[] for _ in grid]
     for item in qa:
