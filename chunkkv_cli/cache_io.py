@@ -92,9 +92,15 @@ def method_meta(compressor, reuse_layers: int) -> dict:
         "name": compressor.name,
         "params": params,
         "reuse_layers": reuse_layers,
-        "scoring": "question-agnostic: the observation window is the last `window` tokens of the prefix "
-        "(the document's tail, </document> and 'Question:')",
+        "scoring": _scoring_note(compressor),
     }
+
+
+def _scoring_note(compressor) -> str:
+    if compressor.caps.own_pass:
+        return f"question-agnostic: scored by a pass of its own over the prefilled prefix ({compressor.pass_request!r})"
+    return ("question-agnostic: the observation window is the last `window` tokens of the prefix "
+            "(the document's tail, </document> and 'Question:')")  # fmt: skip
 
 
 def make_meta(identity: dict, method: dict, document: str, prefix: CompressedPrefix, source: str) -> dict:
