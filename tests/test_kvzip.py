@@ -142,3 +142,15 @@ def test_narrowing_refuses_a_method_that_needs_every_query(model):
 
     with pytest.raises(ChunkKVError, match="h2o cannot narrow"):
         Narrowing(make_compressor("h2o"), None, 10)
+
+
+def test_a_document_shorter_than_sinks_window_and_a_chunk_is_kept_whole_with_a_note(model):
+    from chunkkv_cli.commands.options import small_budget_warning
+
+    comp = make_compressor("kvzip", ratio=0.1, window=8, sinks=4, chunk_size=5)
+    short = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(9))
+    target = new_target(model, comp)
+    prefill(model, short, [target])
+    assert kept_lengths(target.cache) == [16] * 4
+    assert "kept whole" in small_budget_warning(comp, 16)
+    assert small_budget_warning(comp, 4000) is None

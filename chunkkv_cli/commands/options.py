@@ -75,6 +75,8 @@ DecoderOpt = Annotated[
 def small_budget_warning(compressor, n_tokens: int) -> str | None:
     """A warning when the method would keep fewer tokens than its observation window (the output is then noise)."""
     window = getattr(compressor, "window", None)
+    if compressor.keeps_whole(n_tokens):
+        return f"the {n_tokens}-token prompt is too short for {compressor.name} to choose from: it is kept whole"
     if not compressor.caps.evicts or window is None:
         return None
     n_kept = compressor.kept_tokens(n_tokens)

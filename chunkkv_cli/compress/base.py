@@ -105,6 +105,10 @@ class Compressor:
         """For `caps.per_step`: the route that selects what each decode step attends to, built on the full cache."""
         return None
 
+    def keeps_whole(self, kv_len: int) -> bool:
+        """Whether a prompt this short is kept whole (too short for the method's fixed parts)."""
+        return False
+
     @classmethod
     def parameters(cls) -> list[str]:
         """The keyword arguments the method takes."""

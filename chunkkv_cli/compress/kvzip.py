@@ -85,6 +85,9 @@ class KVzip(Compressor):
         if min(self.chunk_size, self.repeat_chunk, self.block) < 1 or self.sinks < 0:
             raise ChunkKVError("kvzip: chunk_size, repeat_chunk and block must be >= 1, sinks >= 0")
 
+    def keeps_whole(self, kv_len: int) -> bool:
+        return kv_len <= self.sinks + self.window + self.chunk_size
+
     def select(self, query, key, layer_idx, n_layers, scaling):
         return None  # the whole document stays until the reconstruction pass has scored it
 
@@ -98,7 +101,7 @@ class KVzip(Compressor):
         doc_len = scores[0].shape[-1]
         n_kept = self.kept_tokens(doc_len)
         window, sinks = min(self.window, n_kept), min(self.sinks, max(0, n_kept - self.window))
-        if n_kept >= doc_len:
+        if n_kept >= doc_len or self.keeps_whole(doc_len):
             return [None] * len(scores)
         pooled = [self._token_scores(s[..., : doc_len - window], sinks) for s in scores]
         adaptive = self._layer_counts(pooled, n_kept - window)
