@@ -51,7 +51,7 @@ def main() -> None:
         "doc_flash": ms(lambda: kvzip_kernels._flash(folded, k[:, :, :L], v[:, :, :L], False, scale)),
         "own_flash": ms(lambda: kvzip_kernels._flash(q, k[:, :, L:].repeat_interleave(g, 1), v[:, :, L:].repeat_interleave(g, 1), True, scale)),
         "scores": ms(lambda: kvzip_kernels.best_weights(folded, k[:, :, :L], lse, scale)),
-        "attend": ms(lambda: kvzip_kernels.attend(q, k, v, L, scale)),
+        "attend": ms(lambda: kvzip_kernels.attend(q, k[:, :, :L], v[:, :, :L], k[:, :, L:], v[:, :, L:], scale)),
         "local_scores": ms(lambda: kvzip_kernels.local_scores(q, k, lse, (0, n), 4, scale)),
         "cache_cat": ms(lambda: torch.cat([k[:, :, :L], k[:, :, L:]], dim=2)),
     }

@@ -34,19 +34,20 @@ def _flash(query, key, value, causal: bool, scale: float):
     return out[0], out[1]
 
 
-def attend(query, key, value, doc_len: int, scale: float):
-    """Causal attention of a repeat piece (the last n rows of key/value are its own) over the document and itself.
+def attend(query, doc_k, doc_v, own_k, own_v, scale: float):
+    """Causal attention of a repeat piece over the document (no mask) and itself (causal), never concatenated.
 
-    query (b, q_heads, n, d); key/value (b, kv_heads, doc_len + n, d). Returns the output (b, n, q_heads, d) and
+    query (b, q_heads, n, d); doc_k/doc_v (b, kv_heads, doc_len, d); own_k/own_v (b, kv_heads, n, d), the
+    piece's own. Returns the output (b, n, q_heads, d) and
     each query's log-sum-exp over the piece alone and over all it attends to, both (b, kv_heads, group * n) fp32,
     rows ordered as the folded queries (query head within its group, then position).
     """
     b, q_heads, n, d = query.shape
-    kv_heads = key.shape[1]
+    kv_heads = doc_k.shape[1]
     group = q_heads // kv_heads
     folded = query.reshape(b, kv_heads, group * n, d)
-    doc_out, doc_lse = _flash(folded, key[:, :, :doc_len], value[:, :, :doc_len], False, scale)
-    own_k, own_v = (t[:, :, doc_len:].repeat_interleave(group, dim=1) for t in (key, value))
+    doc_out, doc_lse = _flash(folded, doc_k, doc_v, False, scale)
+    own_k, own_v = (t.repeat_interleave(group, dim=1) for t in (own_k, own_v))
     own_out, own_lse = _flash(query, own_k, own_v, True, scale)
     own_lse = own_lse.reshape(b, kv_heads, group * n)
     lse = torch.logaddexp(doc_lse, own_lse)
@@ -55,16 +56,16 @@ def attend(query, key, value, doc_len: int, scale: float):
     return merged.to(query.dtype).reshape(b, q_heads, n, d).transpose(1, 2).contiguous(), own_lse, lse
 
 
-def local_scores(query, key, own_lse, span: tuple[int, int], sinks: int, scale: float) -> torch.Tensor:
+def local_scores(query, doc_k, own_lse, span: tuple[int, int], sinks: int, scale: float) -> torch.Tensor:
     """KVzip's scores of the stretch [start, end): softmax over the sinks, the stretch and the piece (whose
     log-sum-exp `own_lse` the attention already has). Returns (b, kv_heads, end - start) fp32."""
     start, end = span
     b, q_heads, n, d = query.shape
-    kv_heads = key.shape[1]
+    kv_heads = doc_k.shape[1]
     folded = query.reshape(b, kv_heads, q_heads // kv_heads * n, d)
-    visible = torch.cat([key[:, :, : min(sinks, start)], key[:, :, start:end]], dim=2)
+    visible = torch.cat([doc_k[:, :, : min(sinks, start)], doc_k[:, :, start:end]], dim=2)
     _, stretch_lse = _flash(folded, visible, visible, False, scale)
-    return best_weights(folded, key[:, :, start:end], torch.logaddexp(stretch_lse, own_lse), scale)
+    return best_weights(folded, doc_k[:, :, start:end], torch.logaddexp(stretch_lse, own_lse), scale)
 
 
 def best_weights(folded: torch.Tensor, doc_keys: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:

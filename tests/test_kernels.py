@@ -152,9 +152,10 @@ def test_gpu_reconstruction_pass_matches_the_cpu_reference():
 
     gen = torch.Generator().manual_seed(6)
     query, key, value = randn(1, 8, 96, 128, gen=gen), randn(1, 2, 400, 128, gen=gen), randn(1, 2, 400, 128, gen=gen)
-    out, own_lse, lse = kvzip_kernels.attend(query, key, value, 304, 0.088)
-    full = kvzip_kernels.best_weights(query.reshape(1, 2, 4 * 96, 128), key[:, :, :304], lse, 0.088)
-    local = kvzip_kernels.local_scores(query, key, own_lse, (100, 228), 4, 0.088)
+    doc_k, doc_v, own_k, own_v = key[:, :, :304], value[:, :, :304], key[:, :, 304:], value[:, :, 304:]
+    out, own_lse, lse = kvzip_kernels.attend(query, doc_k, doc_v, own_k, own_v, 0.088)
+    full = kvzip_kernels.best_weights(query.reshape(1, 2, 4 * 96, 128), doc_k, lse, 0.088)
+    local = kvzip_kernels.local_scores(query, doc_k, own_lse, (100, 228), 4, 0.088)
     q, k, v = (t.float().cpu() for t in (query, key, value))
     assert torch.allclose(out.float().cpu(), kvzip.attend_cpu(q, k, v, 0.088), atol=2e-2)
     assert torch.allclose(full.cpu(), kvzip.full_scores(q, k, 304, 0.088, 32), atol=2e-3, rtol=3e-2)

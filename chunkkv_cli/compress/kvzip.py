@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from chunkkv_cli import kvzip_kernels
 from chunkkv_cli.compress.base import Capabilities, Compressor, group_queries, window_indices
@@ -161,15 +162,20 @@ def reconstruction_scores(model, cache, prompt_ids, repeat_prompt, comp: "KVzip"
     for piece, start, end in repeat_pieces(prompt_ids, repeat_prompt, comp.repeat_chunk):
         route.span = (start, end)
         positions = torch.arange(doc_len, doc_len + piece.shape[1], device=piece.device)[None]
-        forward(model, piece, cache, positions, route=route, last_only=True)
+        forward(model, piece, PieceCache(config=model.config), positions, route=route, last_only=True)
     return route.scores
 
 
-class ReconstructionRoute(Route):
-    """Attention of a repeat piece over the document and itself, and the scores of the document's tokens.
+class PieceCache(DynamicCache):
+    """What a repeat piece runs on: each layer's update hands the piece's own K/V straight back and stores
+    nothing, so the document's cache is never copied (the route reads it where it is)."""
 
-    The cache grows by the piece in every layer's update; the piece's own K/V is cut off again here.
-    """
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return key_states, value_states
+
+
+class ReconstructionRoute(Route):
+    """Attention of a repeat piece over the document (read from `cache`) and itself, and the document's scores."""
 
     def __init__(self, cache, doc_len: int, comp: "KVzip"):
         self.cache, self.doc_len, self.comp = cache, doc_len, comp
@@ -177,13 +183,16 @@ class ReconstructionRoute(Route):
         self.scores: list[torch.Tensor | None] = [None] * len(cache.layers)
 
     def attend(self, layer_idx, query, key, value, scaling):
+        """key/value: the piece's own (`PieceCache`); the document's come from the cache."""
         comp, doc_len = self.comp, self.doc_len
+        doc = self.cache.layers[layer_idx]
         start, end = (0, doc_len) if comp.normalize == "full" else self.span
         if kvzip_kernels.available(query.device, query.shape[-1], query.dtype):
-            output, own_lse, lse = kvzip_kernels.attend(query, key, value, doc_len, scaling)
-            best = (kvzip_kernels.best_weights(group_queries(query, key.shape[1]).flatten(2, 3), key[:, :, :doc_len], lse, scaling)
-                    if comp.normalize == "full" else kvzip_kernels.local_scores(query, key, own_lse, self.span, comp.sinks, scaling))  # fmt: skip
+            output, own_lse, lse = kvzip_kernels.attend(query, doc.keys, doc.values, key, value, scaling)
+            best = (kvzip_kernels.best_weights(group_queries(query, key.shape[1]).flatten(2, 3), doc.keys, lse, scaling)
+                    if comp.normalize == "full" else kvzip_kernels.local_scores(query, doc.keys, own_lse, self.span, comp.sinks, scaling))  # fmt: skip
         else:
+            key, value = torch.cat([doc.keys, key], dim=2), torch.cat([doc.values, value], dim=2)
             output = attend_cpu(query, key, value, scaling)
             best = (full_scores(query, key, doc_len, scaling, comp.block) if comp.normalize == "full"
                     else local_scores(query, key, doc_len, self.span, comp.sinks, scaling, comp.block))  # fmt: skip
@@ -191,8 +200,6 @@ class ReconstructionRoute(Route):
             self.scores[layer_idx] = best.new_zeros(*best.shape[:2], doc_len)
         region = self.scores[layer_idx][..., start:end]
         torch.maximum(region, best, out=region)
-        layer = self.cache.layers[layer_idx]
-        layer.keys, layer.values = key[:, :, :doc_len], value[:, :, :doc_len]
         return output
 
 
