@@ -16,9 +16,9 @@ Method = Enum("Method", {name: name for name in registry.names()}, type=str)
 MethodOpt = Annotated[
     Optional[Method],
     typer.Option(
-        help=f"KV compression method (`chunkkv methods`) [default: {registry.DEFAULT} when the question is in the "
-        f"prompt, {registry.QUESTION_AGNOSTIC_DEFAULT} when the document is compressed before its questions].",
-        show_default=False,
+        help="KV compression method (`chunkkv methods`).",
+        show_default=f"{registry.DEFAULT} when the question is in the prompt, {registry.QUESTION_AGNOSTIC_DEFAULT} "
+        "when the document is compressed before its questions",
     ),
 ]
 
@@ -52,8 +52,8 @@ DeviceOpt = Annotated[
 WindowOpt = Annotated[int, typer.Option("--window", help="Observation window: the last W prompt tokens score the rest.")]
 ChunkSizeOpt = Annotated[
     Optional[int],
-    typer.Option("--chunk-size", help="Tokens per chunk kept or dropped together [default: the method's own: 10 for "
-                 "chunkkv, 1 for kvzip].", show_default=False),
+    typer.Option("--chunk-size", help="Tokens per chunk kept or dropped together.",
+                 show_default="the method's own: 10 for chunkkv, 1 for kvzip"),
 ]
 ReuseOpt = Annotated[
     int,
