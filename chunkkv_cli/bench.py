@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from chunkkv_cli.compress import METHODS
-from chunkkv_cli.generate import cache_bytes, decode, make_step, new_target, prefill, synchronize
+from chunkkv_cli.generate import cache_bytes, decode, kept_lengths, make_step, new_target, prefill, synchronize
 from chunkkv_cli.options import Compression
 from chunkkv_cli.pipeline import recall_state
 from chunkkv_cli.registry import REFERENCE
@@ -114,33 +114,54 @@ def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, 
             layer.batch_repeat_interleave(replicate)
         pre.logits = pre.logits.repeat_interleave(replicate, dim=0)
     recall = recall_state(compressor, target.cache)
-    kv_bytes = cache_bytes(target.cache)  # on the device (clusterkv --offload cpu has moved its clustered part)
-    compress_s = pre.compress_seconds + (recall.seconds if recall is not None else 0.0)
+    kept = kept_lengths(target.cache)
     with PeakMemory(device) as decode_mem:
-        synchronize(device)
-        start = time.perf_counter()
-        step = make_step(model, target.cache, ids.shape[1], decode_tokens + 2, decoder, recall)
-        step(pre.logits.argmax(-1))  # the first step builds (and on CUDA captures) the decoder
-        synchronize(device)
-        setup_seconds = time.perf_counter() - start
-        decode(model, None, pre.logits, ids.shape[1] + 1, decode_tokens + 1, step=step)
-        synchronize(device)
-        decode_seconds = time.perf_counter() - start - setup_seconds
-    batch = ids.shape[0] * replicate
-    e2e = pre.seconds + setup_seconds + decode_seconds
+        answer, setup_seconds = timed_decode(model, target.cache, pre, ids.shape[1], decode_tokens, decoder, recall)
+    answer.kept_per_layer, answer.kept_tokens = kept, sum(kept) / len(kept)
+    answer.full_kv_bytes = pre.full_bytes * replicate
+    return row_fields(answer, setup_seconds, ids.shape[0] * replicate, decode_tokens, prefill_mem.peak,
+                      decode_mem.peak, recall)  # fmt: skip
+
+
+def timed_decode(model, cache, pre, prompt_len: int, decode_tokens: int, decoder: str, recall):
+    """The measured run as a `result.Answer` (no text: the prompt is random) and the decoder's setup seconds."""
+    from chunkkv_cli.result import Answer
+
+    device = pre.logits.device
+    kv_bytes = cache_bytes(cache)  # on the device (clusterkv --offload cpu has moved its clustered part)
+    compress_s = pre.compress_seconds + (recall.seconds if recall is not None else 0.0)
+    synchronize(device)
+    start = time.perf_counter()
+    step = make_step(model, cache, prompt_len, decode_tokens + 2, decoder, recall)
+    step(pre.logits.argmax(-1))  # the first step builds (and on CUDA captures) the decoder
+    synchronize(device)
+    setup_seconds = time.perf_counter() - start
+    tokens = decode(model, None, pre.logits, prompt_len + 1, decode_tokens + 1, step=step)
+    synchronize(device)
+    decode_seconds = time.perf_counter() - start - setup_seconds
+    answer = Answer(text="", prompt_tokens=prompt_len, kept_tokens=0.0, full_kv_bytes=pre.full_bytes,
+                    kept_kv_bytes=kv_bytes, prefill_seconds=pre.seconds, compress_seconds=compress_s,
+                    decode_seconds=decode_seconds, new_tokens=decode_tokens, token_ids=tokens[0].tolist())  # fmt: skip
+    return answer, setup_seconds
+
+
+def row_fields(answer, setup_seconds: float, batch: int, decode_tokens: int, peak_prefill, peak_decode, recall) -> dict:
+    """A bench row's timing and memory fields, from the measured run's `Answer`."""
+    e2e = answer.prefill_seconds + setup_seconds + answer.decode_seconds
+    full = answer.full_kv_bytes
     return {
-        "prefill_s": pre.seconds,
-        "compress_s": compress_s,
+        "prefill_s": answer.prefill_seconds,
+        "compress_s": answer.compress_seconds,
         "decoder_setup_s": setup_seconds,
-        "decode_ms_per_token": 1000 * decode_seconds / decode_tokens,
-        "decode_tokens_per_s": batch * decode_tokens / decode_seconds,
+        "decode_ms_per_token": 1000 * answer.decode_seconds / decode_tokens,
+        "decode_tokens_per_s": batch * decode_tokens / answer.decode_seconds,
         "e2e_s": e2e,
         "e2e_tokens_per_s": batch * decode_tokens / e2e,
-        "peak_prefill_bytes": prefill_mem.peak,
-        "peak_decode_bytes": decode_mem.peak,
-        "kv_bytes": kv_bytes,
-        "kv_read_bytes": kv_bytes if recall is None else pre.full_bytes * replicate * min(1.0, recall.budget / ids.shape[1]),
-        "full_kv_bytes": pre.full_bytes * replicate,
+        "peak_prefill_bytes": peak_prefill,
+        "peak_decode_bytes": peak_decode,
+        "kv_bytes": answer.kept_kv_bytes,
+        "kv_read_bytes": answer.kept_kv_bytes if recall is None else full * min(1.0, recall.budget / answer.prompt_tokens),
+        "full_kv_bytes": full,
     }
 
 
