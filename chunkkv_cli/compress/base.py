@@ -97,8 +97,11 @@ class Compressor:
     def select_tokens(self, query, key, n_kept: int, window: int, scaling: float) -> torch.Tensor:
         raise NotImplementedError
 
-    def score_pass(self, model, cache, prompt_ids: torch.Tensor, on_layer=None) -> list[torch.Tensor | None]:
-        """For `caps.own_pass`: per layer, the indices to keep in the prefilled full `cache` (None = all)."""
+    def score_pass(self, model, cache, prompt_ids: torch.Tensor, request=(), on_layer=None) -> list[torch.Tensor | None]:
+        """For `caps.own_pass`: per layer, the indices to keep in the prefilled full `cache` (None = all).
+
+        `request`: the token ids of `pass_request`, phrased by the caller's tokenizer (empty without one).
+        """
         raise NotImplementedError
 
     def decode_route(self, cache):

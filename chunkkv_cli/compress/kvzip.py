@@ -93,8 +93,8 @@ class KVzip(Compressor):
         return None  # the whole document stays until the reconstruction pass has scored it
 
     @torch.inference_mode()
-    def score_pass(self, model, cache, prompt_ids, repeat_prompt=(), on_layer=None):
-        scores = reconstruction_scores(model, cache, prompt_ids, list(repeat_prompt), self)
+    def score_pass(self, model, cache, prompt_ids, request=(), on_layer=None):
+        scores = reconstruction_scores(model, cache, prompt_ids, list(request), self)
         return self.keep(scores)
 
     def keep(self, scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
