@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from chunkkv_cli import kvzip_kernels
 from chunkkv_cli.compress.base import Capabilities, Compressor, group_queries, window_indices
 from chunkkv_cli.compress.chunkkv import chunk_maxima, keep_top_chunks
+from chunkkv_cli.engine import bottom_right_causal_mask, forward
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.route import Route
 
@@ -155,8 +156,6 @@ def repeat_pieces(prompt_ids: torch.Tensor, repeat_prompt: list[int], repeat_chu
 @torch.inference_mode()
 def reconstruction_scores(model, cache, prompt_ids, repeat_prompt, comp: "KVzip") -> list[torch.Tensor]:
     """Per layer (batch, kv_heads, doc_len): the largest attention weight each cached token gets from the repeat."""
-    from chunkkv_cli.engine import forward
-
     doc_len = prompt_ids.shape[1]
     route = ReconstructionRoute(cache, doc_len, comp)
     for piece, start, end in repeat_pieces(prompt_ids, repeat_prompt, comp.repeat_chunk):
@@ -205,14 +204,9 @@ class ReconstructionRoute(Route):
 
 def attend_cpu(query, key, value, scaling: float):
     """Causal attention of the piece (the last n positions) over everything cached: (b, n, q_heads, d)."""
-    mask = bottom_right_mask(query.shape[2], key.shape[2], query.device)
+    mask = bottom_right_causal_mask(query.shape[2], key.shape[2], query.device)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous()
-
-
-def bottom_right_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
-    rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-    return torch.arange(kv_len, device=device)[None, :] <= rows
 
 
 def local_scores(query, key, doc_len: int, span: tuple[int, int], sinks: int, scaling: float, block: int):
