@@ -100,8 +100,7 @@ class PackedCache(Route):
             dense = cache.layers[layer_idx]
             if dense.keys.shape[0] != 1:
                 raise ChunkKVError(BATCH_ONE)
-            rows = flat_rows(kept, dense.keys.shape[-2]).to(dense.keys.device)
-            keys, values = (t[0].flatten(0, 1).index_select(0, rows) for t in (dense.keys, dense.values))
+            keys, values = pack(dense.keys, kept), pack(dense.values, kept)
             dense.keys = dense.values = None  # the full layer's memory goes before the next layer is gathered
             layers.append(PackedLayer(keys, values, kept.lengths))
         return cls(layers)
@@ -127,10 +126,11 @@ class PackedCache(Route):
         return PackedStatic(self, new_tokens)
 
 
-def flat_rows(kept: HeadKept, kv_len: int) -> torch.Tensor:
-    """Rows of (kv_heads * kv_len, d) holding each head's kept positions, head after head."""
+def pack(states: torch.Tensor, kept: HeadKept) -> torch.Tensor:
+    """Each head's kept tokens of (1, kv_heads, kv_len, d), one head after another: (total, d)."""
     heads = torch.repeat_interleave(torch.arange(len(kept.lengths)), torch.tensor(kept.lengths))
-    return heads * kv_len + kept.positions.to("cpu")
+    rows = heads * states.shape[-2] + kept.positions.to("cpu")
+    return states[0].flatten(0, 1).index_select(0, rows.to(states.device))
 
 
 def packed_attention(query, layer: PackedLayer, tail_keys, tail_values, tail_len: int, scaling: float):
