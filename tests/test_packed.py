@@ -83,11 +83,16 @@ def _heads(**params):
     return make_compressor("kvzip", **{"ratio": 0.3, "window": 8, "budget_shape": "heads", **params})
 
 
-def _scored(model, ids, comp):
-    """A fully prefilled cache of `ids` and the method's per-head selection on it."""
+def _full(model, ids):
     full = new_target(model, make_compressor("fullkv"))
     prefill(model, torch.tensor([ids]), [full])
-    return full.cache, comp.score_pass(model, full.cache, torch.tensor([ids]), REQUEST)
+    return full.cache
+
+
+def _scored(model, ids, comp):
+    """A fully prefilled cache of `ids` and the method's per-head selection on it."""
+    full = _full(model, ids)
+    return full, comp.score_pass(model, full, torch.tensor([ids]), REQUEST)
 
 
 def test_one_threshold_over_layers_and_heads_keeps_the_budget_sinks_and_window(model, ids):
@@ -134,6 +139,7 @@ def test_a_greedy_answer_from_the_packed_cache_equals_the_masked_full_cache(mode
     packed = PackedCache.gather(dense, keep)
     logits = append(model, packed, question, len(ids))
     assert torch.allclose(logits, expected_logits, atol=1e-4)
+    assert not torch.allclose(logits, append(model, _full(model, ids), question, len(ids)), atol=1e-2)  # it did evict
     got = decode(model, packed, logits, len(ids) + len(question), 12, decoder=decoder)
     assert torch.equal(got, expected)
 
