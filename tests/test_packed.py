@@ -200,3 +200,21 @@ def test_a_batch_is_refused_in_one_line(model, ids):
     cache, _, _ = with_question(model, prefix, [1, 2, 3])
     with pytest.raises(ChunkKVError, match="batch 1"):
         cache.layers[0].batch_repeat_interleave(2)
+
+
+def test_compress_with_per_head_lengths_then_ask_from_the_file(model, tmp_path, monkeypatch):
+    from tests.test_cache_io import DOC, cli, json_of, loaded_with, one_line_error, Tokenizer
+    from chunkkv_cli.options import ModelSpec
+
+    loaded = loaded_with(model, Tokenizer())
+    monkeypatch.setattr(ModelSpec, "load", lambda *args, **kwargs: loaded)
+    doc, out = tmp_path / "doc.txt", tmp_path / "doc.ckv"
+    doc.write_text(DOC)
+    args = ("compress", doc, "-o", out, "--method", "kvzip", "--ratio", "0.3", "--window", "8")
+    report = json_of(cli(*args, "--param", "budget_shape=heads", "--json"))
+    inspected = json_of(cli("inspect", out, "--json"))
+    assert inspected["format_version"] == 2 and inspected["per_head"] is True
+    assert inspected["kept_kv_bytes"] == report["kept_kv_bytes"]
+    answer = json_of(cli("ask", out, "Who keeps the ledger?", "--max-new-tokens", "4", "--json"))
+    assert answer["kept_tokens"] == pytest.approx(report["kept_tokens"]) and answer["kept_kv_bytes"] == report["kept_kv_bytes"]
+    one_line_error(cli("ask", out, "Who?", "--ratio", "0.1"), "cannot be narrowed per question")
