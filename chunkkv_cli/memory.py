@@ -271,3 +271,50 @@ def gpu_share(
         "fits_full": weights + full <= gpu_bytes,
         "fits_compressed": weights + compressed_peak <= gpu_bytes,
     }
+
+
+AUTO_PREFILL_BLOCK = 8192  # tokens: the GEMMs are as fast as over the whole sequence, the MLP's scratch under 1 GiB
+MIN_PREFILL_BLOCK = 256
+PREFILL_BLOCK_STEP = 256
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What a blocked prefill holds beside the weights and the cache (`generate.prefill` with a block size).
+
+    For the whole sequence: the hidden state (one copy, written over block by block) and RoPE's cos and sin.
+    For one block, at its peak inside the MLP: act(gate), up and their product beside the block's residual
+    and normed input. At each layer's last block the window's queries score every key: their logits and
+    probabilities (window-scoring methods; all-query methods such as H2O hold the layer's queries too).
+    """
+
+    hidden: int
+    intermediate: int
+    q_heads: int
+    head_dim: int
+    dtype_bytes: int
+    window: int = 32
+
+    @classmethod
+    def of_profile(cls, profile, dtype: str, window: int = 32) -> "Activations":
+        return cls(profile.hidden_size, profile.intermediate_size, profile.num_attention_heads, profile.head_dim,
+                   dtype_bytes(dtype), window)  # fmt: skip
+
+    def bytes(self, batch: int, seq: int, block: int) -> int:
+        block = min(block, seq)
+        sequence = seq * (self.hidden + 2 * self.head_dim)
+        one_block = block * (3 * self.intermediate + 2 * self.hidden)
+        scoring = 2 * self.q_heads * min(self.window, seq) * seq
+        return batch * (sequence + one_block + scoring) * self.dtype_bytes
+
+
+def prefill_block_for(seq: int, block: int | None) -> int:
+    """The block a prefill of `seq` tokens runs at: `block`, else the automatic size; never more than `seq`."""
+    return min(seq, AUTO_PREFILL_BLOCK if block is None else block)
+
+
+def largest_block(seq: int, fits: Callable[[int], bool], limit: int | None = None) -> int:
+    """Largest block (a multiple of PREFILL_BLOCK_STEP, or `seq` itself) up to `limit` for which `fits`; 0 if none."""
+    top = min(seq, limit or seq)
+    candidates = [top] + list(range(top // PREFILL_BLOCK_STEP * PREFILL_BLOCK_STEP, 0, -PREFILL_BLOCK_STEP))
+    return next((b for b in candidates if b >= min(seq, MIN_PREFILL_BLOCK) and fits(b)), 0)
