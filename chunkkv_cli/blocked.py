@@ -117,8 +117,7 @@ def prefix_attention(query, key, value, scaling: float) -> torch.Tensor:
     """
     b, heads, q_len, _ = query.shape
     kv_len = key.shape[2]
-    fused = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-    rows = q_len if fused else max(1, UNFUSED_SCORES_BYTES // (4 * b * heads * kv_len))
+    rows = q_len if flash_applies(query, key, value) else max(1, UNFUSED_SCORES_BYTES // (4 * b * heads * kv_len))
     out = query.new_empty(b, heads, q_len, value.shape[-1])
     for start in range(0, q_len, rows):
         stop = min(start + rows, q_len)
@@ -128,6 +127,15 @@ def prefix_attention(query, key, value, scaling: float) -> torch.Tensor:
             query[:, :, start:stop], key[:, :, :end], value[:, :, :end], attn_mask=mask, scale=scaling, enable_gqa=True
         )
     return out.transpose(1, 2)
+
+
+def flash_applies(query, key, value) -> bool:
+    """Whether PyTorch's flash attention takes these tensors (K/V heads shared by query groups, no mask)."""
+    if not query.is_cuda:
+        return False
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    return can_use_flash_attention(SDPAParams(query, key, value, None, 0.0, False, True))
 
 
 def queries_needed(compressor, seq: int) -> int:

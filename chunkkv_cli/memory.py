@@ -318,3 +318,11 @@ def largest_block(seq: int, fits: Callable[[int], bool], limit: int | None = Non
     top = min(seq, limit or seq)
     candidates = [top] + list(range(top // PREFILL_BLOCK_STEP * PREFILL_BLOCK_STEP, 0, -PREFILL_BLOCK_STEP))
     return next((b for b in candidates if b >= min(seq, MIN_PREFILL_BLOCK) and fits(b)), 0)
+
+
+def prefill_peak(profile, dtype: str, seq: int, block: int | None = None, batch: int = 1, ratio: float | None = None,
+                 budget: int | None = None, window: int = 32) -> int:
+    """Predicted peak of a blocked prefill: weights, the cache at its prefill peak, and `Activations` at the block."""
+    shape = CacheShape(profile.num_layers, profile.num_kv_heads, profile.head_dim, dtype_bytes(dtype), ratio, budget)
+    acts = Activations.of_profile(profile, dtype, window)
+    return profile.weight_bytes(dtype) + shape.peak(batch, seq) + acts.bytes(batch, seq, prefill_block_for(seq, block))
