@@ -32,6 +32,8 @@ from chunkkv_cli.profiles import load_profile
 
 CARD_BYTES = 24 * 10**9  # the emulated card: what an RTX 4090 / L4 / A10 process may allocate, at most
 GIB = 2**30
+LONG = 65536  # from this length on, also the block sweep and fullkv unblocked
+SWEEP = (4096, 16384)
 PLAN = {"llama3.1-8b": ["32k", "128k"], "qwen2.5-7b": ["32k"], "mistral-7b": ["32k"]}
 
 
@@ -75,6 +77,14 @@ def row(name: str, result: dict, predicted: int | None = None) -> dict:
     return out
 
 
+def other_blocks(model, profile, ids, dtype: str) -> list[dict]:
+    """At the longest length: chunkkv at smaller and larger blocks than the automatic one, and fullkv unblocked."""
+    seq = ids.shape[1]
+    rows = [row(f"chunkkv 0.1, block {block}", one_prefill(model, ids, "chunkkv", block, 1),
+                prefill_peak(profile, dtype, seq, block, ratio=0.1)) for block in SWEEP]  # fmt: skip
+    return rows + [row("fullkv, unblocked", one_prefill(model, ids, "fullkv", seq, 1))]
+
+
 def measure_length(model, profile, seq: int, repeats: int, card_bytes: int | None) -> dict:
     """The three prefills at one length, their prediction, and the issue's targets as booleans."""
     device = next(model.parameters()).device
@@ -105,6 +115,8 @@ def measure_length(model, profile, seq: int, repeats: int, card_bytes: int | Non
         "fullkv_peak_le_weights_full_cache_3gb": bool(full["peak_bytes"] and full["peak_bytes"] <= weights + full_cache + 3 * 10**9),
         "fullkv_headroom_bytes": (full["peak_bytes"] or 0) - weights - full_cache,
     }  # fmt: skip
+    if is_cuda and seq >= LONG:
+        rows += other_blocks(model, profile, ids, dtype)
     return {"seq": seq, "weights_bytes": weights, "full_cache_bytes": full_cache, "rows": rows,
             "blocked_vs_unblocked": compare(small, whole), "targets": targets}  # fmt: skip
 
