@@ -160,10 +160,11 @@ def main() -> None:
     card = CARD_BYTES if device.type == "cuda" else None
     report = {"environment": environment(device), "command": " ".join(["python", *sys.argv]),
               "prefix_attention_flash": flash_probe(device),
-              "card_bytes_emulated": card, "random_weights": True, "batch": 1,
-              "models": [run_model(name, seqs, device, 2, card) for name, seqs in plan.items()]}  # fmt: skip
+              "card_bytes_emulated": card, "random_weights": True, "batch": 1, "models": []}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    for name, seqs in plan.items():  # written after each model, so a run cut short keeps what it measured
+        report["models"].append(run_model(name, seqs, device, 2, card))
+        args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
