@@ -32,7 +32,7 @@ from chunkkv_cli.profiles import load_profile
 
 CARD_BYTES = 24 * 10**9  # the emulated card: what an RTX 4090 / L4 / A10 process may allocate, at most
 GIB = 2**30
-LONG = 65536  # from this length on, also the block sweep and fullkv unblocked
+LONG = 65536  # from this length on, also other block sizes
 SWEEP = (4096, 16384)
 PLAN = {"llama3.1-8b": ["32k", "128k"], "qwen2.5-7b": ["32k"], "mistral-7b": ["32k"]}
 
@@ -78,11 +78,10 @@ def row(name: str, result: dict, predicted: int | None = None) -> dict:
 
 
 def other_blocks(model, profile, ids, dtype: str) -> list[dict]:
-    """At the longest length: chunkkv at smaller and larger blocks than the automatic one, and fullkv unblocked."""
+    """At the longest length: chunkkv at smaller and larger blocks than the automatic one."""
     seq = ids.shape[1]
-    rows = [row(f"chunkkv 0.1, block {block}", one_prefill(model, ids, "chunkkv", block, 1),
+    return [row(f"chunkkv 0.1, block {block}", one_prefill(model, ids, "chunkkv", block, 1),
                 prefill_peak(profile, dtype, seq, block, ratio=0.1)) for block in SWEEP]  # fmt: skip
-    return rows + [row("fullkv, unblocked", one_prefill(model, ids, "fullkv", seq, 1))]
 
 
 def measure_length(model, profile, seq: int, repeats: int, card_bytes: int | None) -> dict:
