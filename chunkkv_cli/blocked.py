@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from chunkkv_cli.engine import store_layer
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.memory import Activations, CacheShape, human_bytes, largest_block, prefill_block_for
 from chunkkv_cli.route import Route
@@ -52,8 +53,6 @@ class LayerBlocks:
         self.keys[:, :, start : self.filled] = key_states
         self.values[:, :, start : self.filled] = value_states
         if self.filled == self.seq:
-            from chunkkv_cli.engine import store_layer  # at call time: engine loads the methods, and kvzip imports engine
-
             store_layer(self.cache, layer_idx, self.keys, self.values)
         return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
 

@@ -27,6 +27,7 @@ class Prefill:
     seconds: float
     compress_seconds: float
     full_bytes: int  # KV bytes the uncompressed cache would hold, summed over the layers as they passed
+    pass_seconds: float = 0.0  # the methods' own scoring passes after the forward (in `seconds` too)
     block: int = 0  # tokens per block each layer ran over (prompt_len: unblocked)
 
 
@@ -67,15 +68,16 @@ def prefill(
         out = forward(model, input_ids, work, positions, route=route, last_only=True)
     synchronize(input_ids.device)
     forward_done = time.perf_counter()
-    for target in targets:
-        if target.compressor.caps.own_pass:
-            request = repeat_prompt if repeat_prompt is not None else pass_request_ids(tokenizer, target.compressor)
-            apply_score_pass(model, target, input_ids, request)
+    passes = [target for target in targets if target.compressor.caps.own_pass]
+    for target in passes:
+        request = repeat_prompt if repeat_prompt is not None else pass_request_ids(tokenizer, target.compressor)
+        apply_score_pass(model, target, input_ids, request)
     synchronize(input_ids.device)
-    pass_seconds = time.perf_counter() - forward_done
+    pass_seconds = time.perf_counter() - forward_done if passes else 0.0
     logits = out.logits[:, -1].float()
     compress_seconds = session.compress_seconds() + pass_seconds
-    return Prefill(logits, seq, forward_done - start + pass_seconds, compress_seconds, session.full_bytes, block)
+    return Prefill(logits, seq, forward_done - start + pass_seconds, compress_seconds, session.full_bytes, pass_seconds,
+                   block)
 
 
 def apply_score_pass(model, target: Target, input_ids: torch.Tensor, repeat_prompt=()) -> None:
