@@ -20,10 +20,10 @@ from torch.nn.attention.bias import causal_lower_right
 
 from chunkkv_cli.engine import store_layer
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.options import PREFILL_BLOCK_ATTR
 from chunkkv_cli.memory import Activations, CacheShape, human_bytes, largest_block, prefill_block_for
 from chunkkv_cli.route import Route
 
-PREFILL_BLOCK = "chunkkv_prefill_block"  # a model's attribute: the --prefill-block it was loaded with, if any
 UNFUSED_SCORES_BYTES = 1 << 28  # where no fused kernel applies, attention weights are computed this much at a time
 
 

@@ -9,13 +9,13 @@ from typing import Callable, Iterable
 import torch
 from transformers import DynamicCache
 
-from chunkkv_cli.blocked import PREFILL_BLOCK, blocked_route, choose_block, in_blocks
+from chunkkv_cli.blocked import blocked_route, choose_block, in_blocks
 from chunkkv_cli.compress import Compressor
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.compress.base import gather_tokens
 from chunkkv_cli.documents import pass_request_ids
 from chunkkv_cli.engine import CompressionSession, Target, forward, full_range, store_layer, use_compressing_attention
-from chunkkv_cli.options import DECODERS
+from chunkkv_cli.options import DECODERS, PREFILL_BLOCK_ATTR
 
 
 @dataclass
@@ -60,7 +60,7 @@ def prefill(
     session = CompressionSession(work, targets, model.config.num_hidden_layers, on_layer)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     seq = input_ids.shape[1]
-    block = choose_block(model, input_ids, targets, block if block is not None else getattr(model, PREFILL_BLOCK, None))
+    block = choose_block(model, input_ids, targets, block if block is not None else getattr(model, PREFILL_BLOCK_ATTR, None))
     route = session if block >= seq else blocked_route(session, targets, seq)
     synchronize(input_ids.device)
     start = time.perf_counter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from chunkkv_cli.compress import METHODS, make_compressor
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.generate import decode, new_target, prefill
 from chunkkv_cli.memory import Activations
+from chunkkv_cli.options import PREFILL_BLOCK_ATTR
+from tests.test_bad_inputs import w  # noqa: F401  (the fixture: a scratch folder and the tiny model behind `ask`)
 
 PROMPT = 150
 # Every method that compresses during the forward (own-pass methods score afterwards, on the same cache).
@@ -95,3 +99,26 @@ def test_activations_count_one_hidden_state_one_block_and_the_window_scores():
     expected = 2 * (seq * (4096 + 256) + block * (3 * 14336 + 2 * 4096) + 2 * 32 * 32 * seq)
     assert acts.bytes(1, seq, block) == expected
     assert acts.bytes(1, 100, block) == 2 * (100 * (4096 + 256) + 100 * (3 * 14336 + 2 * 4096) + 2 * 32 * 32 * 100)
+
+
+def test_ask_with_a_prefill_block_gives_the_same_answer(w, model, monkeypatch):
+    from tests.test_bad_inputs import ASK, invoke
+
+    monkeypatch.setattr(model, PREFILL_BLOCK_ATTR, None, raising=False)  # the shared model is left as it was
+    plain = invoke(w, ASK + " --json")
+    monkeypatch.delattr(model, PREFILL_BLOCK_ATTR)
+    blocks = invoke(w, ASK + " --prefill-block 16 --json")
+    assert plain.exit_code == blocks.exit_code == 0, blocks.output
+    assert getattr(model, PREFILL_BLOCK_ATTR) == 16
+    assert json.loads(blocks.output)["answer"] == json.loads(plain.output)["answer"]
+
+
+@pytest.mark.parametrize("command", ["ask {w}/doc.txt Who? --prefill-block 0", "memory --prefill-block 0",
+                                     "compress {w}/doc.txt --prefill-block -5"])
+def test_a_prefill_block_below_one_is_one_line(w, command):
+    from tests.test_bad_inputs import invoke
+
+    result = invoke(w, command)
+    assert result.exit_code != 0
+    assert result.output.strip().startswith("error: --prefill-block must be a positive number of tokens")
+    assert len(result.output.strip().splitlines()) == 1
