@@ -74,10 +74,12 @@ def run_layer_in_blocks(layer_forward, bounds, hidden_states, *args, **kwargs):
 
 
 def run_in_blocks(module_forward, bounds, hidden_states):
-    """A per-token module (the final norm) over `bounds`: its scratch is one block's, its output the sequence's."""
-    pieces = [module_forward(hidden_states[:, start:end]) for start, end in bounds[:1]]
-    out = pieces[0].new_empty(*hidden_states.shape[:2], *pieces[0].shape[2:])
-    out[:, : bounds[0][1]] = pieces[0]
+    """A per-token module (the final norm) over `bounds`, its output written over its input where they match in
+    dtype and shape (the model's last use of that hidden state), else into a new tensor."""
+    first = module_forward(hidden_states[:, : bounds[0][1]])
+    same = first.dtype == hidden_states.dtype and first.shape[2:] == hidden_states.shape[2:]
+    out = hidden_states if same else first.new_empty(*hidden_states.shape[:2], *first.shape[2:])
+    out[:, : bounds[0][1]] = first
     for start, end in bounds[1:]:
         out[:, start:end] = module_forward(hidden_states[:, start:end])
     return out
