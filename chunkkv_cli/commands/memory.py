@@ -170,8 +170,7 @@ def gpus_table(report: dict, gpu_mem: str) -> Table:
     from chunkkv_cli.memory import human_bytes
 
     table = Table(title=f"Split by layer over {report['gpus']} GPUs of {gpu_mem} each (batch {report['batch']})")
-    for column in ("GPU: layers", "weights", "KV full", "KV compressed", "with full", "with compressed",
-                   "longest prefill"):
+    for column in ("GPU: layers", "weights", "KV full", "KV compressed", "with full", "with compressed"):
         table.add_column(column, justify="left" if column == "GPU: layers" else "right")
     for share in report["per_gpu"]:
         weights = share["weight_bytes"]
@@ -182,7 +181,6 @@ def gpus_table(report: dict, gpu_mem: str) -> Table:
             human_bytes(share["compressed_kv_bytes"]),
             fits_cell(weights + share["full_kv_bytes"], share["fits_full"]),
             fits_cell(weights + share["compressed_peak_bytes"], share["fits_compressed"]),
-            tokens_within_context(share["max_seq_prefill"], report["max_context"]),
         )
     return table
 
@@ -196,8 +194,13 @@ def fits_cell(n_bytes: int, fits: bool) -> str:
 def gpus_verdict(report: dict, gpu_mem: str) -> str:
     """'Fits on every GPU: full cache yes, compressed yes.' for `memory --gpus`."""
     word = {True: "yes", False: "no"}
+    longest = ", ".join(
+        f"GPU {share['gpu']} {tokens_within_context(share['max_seq_prefill'], report['max_context'])}"
+        for share in report["per_gpu"]
+    )
     return (
         f"Weights + KV on every GPU within {gpu_mem}: full cache {word[report['fits_full']]}, compressed "
         f"{word[report['fits_compressed']]} ('with compressed' counts the prefill peak). Layers in equal "
-        "contiguous blocks, embeddings on the first GPU, the final norm and lm_head on the last."
+        "contiguous blocks, embeddings on the first GPU, the final norm and lm_head on the last.\n"
+        f"Longest prompt whose compressed prefill fits, activations included: {longest} tokens."
     )
