@@ -122,3 +122,18 @@ def test_a_prefill_block_below_one_is_one_line(w, command):
     assert result.exit_code != 0
     assert result.output.strip().startswith("error: --prefill-block must be a positive number of tokens")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_memory_reports_the_prefill_peak_and_the_longest_prompt_whose_prefill_fits():
+    from chunkkv_cli.memory import memory_report, prefill_peak
+    from chunkkv_cli.profiles import load_profile
+
+    profile = load_profile("llama3.1-8b")
+    report = memory_report(profile, "128k", dtype="bf16", gpu_mem="24GB")
+    activations = 2 * (131_072 * (4096 + 256) + 8192 * (3 * 14336 + 2 * 4096) + 2 * 32 * 32 * 131_072)
+    assert report["activation_bytes"] == activations
+    assert report["prefill_peak_bytes"] == 16_060_522_496 + 2_201_145_344 + activations == prefill_peak(
+        profile, "bf16", 131_072, ratio=0.1)
+    longest = report["max_seq_prefill"]
+    assert prefill_peak(profile, "bf16", longest, ratio=0.1) <= 24 * 10**9 < prefill_peak(profile, "bf16", longest + 1, ratio=0.1)
+    assert report["max_seq_compressed"] > longest  # activations count
