@@ -33,7 +33,7 @@ from chunkkv_cli.profiles import load_profile
 CARD_BYTES = 24 * 10**9  # the emulated card: what an RTX 4090 / L4 / A10 process may allocate, at most
 GIB = 2**30
 LONG = 65536  # from this length on, also other block sizes
-SWEEP = (4096, 16384)
+SWEEP = ()  # e.g. (4096, 16384): prefill time and peak at other blocks, 10 s each at 128k
 PLAN = {"llama3.1-8b": ["32k", "128k"], "qwen2.5-7b": ["32k"], "mistral-7b": ["32k"]}
 
 
