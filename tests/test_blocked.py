@@ -137,3 +137,35 @@ def test_memory_reports_the_prefill_peak_and_the_longest_prompt_whose_prefill_fi
     longest = report["max_seq_prefill"]
     assert prefill_peak(profile, "bf16", longest, ratio=0.1) <= 24 * 10**9 < prefill_peak(profile, "bf16", longest + 1, ratio=0.1)
     assert report["max_seq_compressed"] > longest  # activations count
+
+
+def math_part(query, key, value, causal: bool, scaling: float):
+    """A stand-in for cuDNN's (output, log-sum-exp), with the same GQA and causal (top-left, square) rules."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = query @ key.transpose(-1, -2) * scaling
+    if causal:
+        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1) @ value, scores.logsumexp(-1)
+
+
+def test_merged_attention_equals_one_causal_call_over_the_prefix():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, n, 8, generator=gen) for h, n in ((4, 5), (2, 12), (2, 12)))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=torch.ones(5, 12, dtype=torch.bool).tril(7)
+    )
+    torch.testing.assert_close(blocked.merged_attention(q, k, v, 8**-0.5, math_part), expected)
+    square = blocked.merged_attention(q, k[:, :, :5], v[:, :, :5], 8**-0.5, math_part)
+    torch.testing.assert_close(square, math_part(q, k[:, :, :5], v[:, :, :5], True, 8**-0.5)[0])
+
+
+def test_blocked_prefill_through_the_merged_attention_gives_the_unblocked_tokens(model, monkeypatch):
+    ids = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(5))
+    whole_pre, whole, whole_tokens = run(model, ids, "snapkv", None)
+    monkeypatch.setattr(blocked, "cudnn_applies", lambda *tensors: True)
+    monkeypatch.setattr(blocked, "cudnn_part", math_part)
+    blocks_pre, blocks, block_tokens = run(model, ids, "snapkv", 40)
+    assert torch.equal(whole_tokens, block_tokens)
+    torch.testing.assert_close(blocks_pre.logits, whole_pre.logits, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(whole.kept[i], blocks.kept[i]) for i in whole.kept)
