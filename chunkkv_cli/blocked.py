@@ -28,9 +28,10 @@ UNFUSED_SCORES_BYTES = 1 << 28  # where no fused kernel applies, attention weigh
 
 
 def block_bounds(seq: int, block: int) -> list[tuple[int, int]]:
-    """[start, end) of each block; the first is the short one, so the last block holds the scoring window."""
-    ends = list(range(seq, 0, -block))[::-1]
-    return list(zip([0] + ends[:-1], ends))
+    """[start, end) of each block; the last may be short. Blocks start at multiples of `block`, so prompts of
+    any length attend over the same prefix lengths and reuse the attention kernels' plans (cuDNN builds one per shape).
+    """
+    return [(start, min(start + block, seq)) for start in range(0, seq, block)]
 
 
 class LayerBlocks:

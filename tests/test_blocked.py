@@ -57,8 +57,8 @@ def test_layers_run_their_own_forward_again_after_the_prefill(model):
     assert all("forward" not in module.__dict__ for module in (*decoder.layers, decoder.norm))
 
 
-def test_block_bounds_put_the_short_block_first():
-    assert blocked.block_bounds(10, 4) == [(0, 2), (2, 6), (6, 10)]
+def test_block_bounds_start_at_multiples_of_the_block():
+    assert blocked.block_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert blocked.block_bounds(8, 4) == [(0, 4), (4, 8)]
     assert blocked.block_bounds(3, 8) == [(0, 3)]
 
