@@ -20,7 +20,6 @@ from torch.nn.attention.bias import causal_lower_right
 
 from chunkkv_cli.engine import store_layer
 from chunkkv_cli.errors import ChunkKVError
-from chunkkv_cli.options import PREFILL_BLOCK_ATTR
 from chunkkv_cli.memory import Activations, CacheShape, human_bytes, largest_block, prefill_block_for
 from chunkkv_cli.route import Route
 
@@ -88,7 +87,7 @@ def run_in_blocks(module_forward, bounds, hidden_states):
 
 @contextmanager
 def in_blocks(model, seq: int, block: int):
-    """Within the block, every decoder layer (and the final norm) of `model` runs over blocks of `block` tokens."""
+    """While the `with` body runs, every decoder layer (and the final norm) of `model` runs over blocks of `block` tokens."""
     if block >= seq:
         yield
         return
