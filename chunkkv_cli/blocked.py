@@ -148,9 +148,8 @@ def merged_attention(query, key, value, scaling: float, part=None) -> torch.Tens
     before, before_lse = part(query, key[:, :, :start], value[:, :, :start], False, scaling)
     shape = (*own.shape[:3], 1)
     before_lse, own_lse = before_lse.reshape(shape), own_lse.reshape(shape)
-    total = torch.logaddexp(before_lse, own_lse)
-    merged = before.float() * torch.exp(before_lse - total) + own.float() * torch.exp(own_lse - total)
-    return merged.to(query.dtype)
+    weight = torch.exp(before_lse - torch.logaddexp(before_lse, own_lse))  # the share of the keys before the block
+    return before.float().mul_(weight).add_(own.float().mul_(1 - weight)).to(query.dtype)
 
 
 def cudnn_part(query, key, value, causal: bool, scaling: float):
