@@ -85,7 +85,7 @@ app = typer.Typer(
 
 
 def _fail(message: str, code: int) -> None:
-    _stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
