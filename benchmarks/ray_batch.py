@@ -40,7 +40,6 @@ class RandomModel:
         self.profile, self.tokenizer, self.device = profile, tokenizer, device
 
     def __call__(self):
-        import chunkkv_cli.compress  # noqa: F401  (before the engine)
         from transformers import AutoTokenizer
 
         from chunkkv_cli.model import Loaded, build_random_model, resolve_device, resolve_dtype

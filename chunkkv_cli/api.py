@@ -277,8 +277,6 @@ def load(model: str | ModelSpec = DEFAULT_MODEL, device: str = "auto", dtype: st
 
     A `ModelSpec` gives every loading option at once (and overrides `device` and `dtype`); nothing is downloaded.
     """
-    import chunkkv_cli.compress  # noqa: F401  (before the engine: importing it first trips an import cycle)
-
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model, device, dtype)
     return Model(spec.load(), spec)
 

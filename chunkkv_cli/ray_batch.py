@@ -146,8 +146,6 @@ class ModelRunners:
 
     def _load(self):
         if self.loaded is None:
-            import chunkkv_cli.compress  # noqa: F401  (before the engine: importing it first trips an import cycle)
-
             self.loaded = self.spec.load()
         return self.loaded
 

@@ -20,6 +20,7 @@ from chunkkv_cli.commands.options import (
     JsonOpt,
     method_name,
     MethodOpt,
+    ParamOpt,
     ModelOpt,
     RatioOpt,
     ReuseOpt,
@@ -56,6 +57,7 @@ def compress(
     chunk_size: ChunkSizeOpt = None,
     window: WindowOpt = 32,
     reuse_layers: ReuseOpt = 1,
+    params: ParamOpt = None,
     truncate: TruncateOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -64,7 +66,8 @@ def compress(
 ) -> None:
     """Prefill a document once and save its compressed KV cache, for `chunkkv ask DOC.ckv "question"`."""
     spec = ModelSpec(model, device, dtype, trust_remote_code)
-    compression = Compression(method_name(method, question_known=False), ratio, budget, window, chunk_size, reuse_layers)
+    compression = Compression(method_name(method, question_known=False), ratio, budget, window, chunk_size, reuse_layers,
+                              params=tuple(params or ()))  # fmt: skip
     require_reusable(compression.compressor(), "compress")
     out = output_path(document, output)
     text = read_text(document)
