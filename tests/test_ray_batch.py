@@ -29,7 +29,6 @@ def load_tiny():
     from chunkkv_cli.profiles import load_profile
     from tests.conftest import CharTokenizer, tiny_model
 
-
     return Loaded(tiny_model(), CharTokenizer(), replace(load_profile("smollm2-135m"), max_context=600), "cpu")
 
 
