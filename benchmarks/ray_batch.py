@@ -7,6 +7,7 @@ a short warm-up first compiles the Triton kernels, so neither path pays for it. 
 (model load included, Ray's start included for Ray), new tokens per second, and whether the answers agree.
 
     python benchmarks/ray_batch.py --tokenizer .devcarry/tokenizer --out benchmarks/results/ray_batch_h200.json
+    (on the GPU machine, which has no ray: benchmarks/ray_bundle.sh packs one small enough to carry)
     python benchmarks/ray_batch.py --tokenizer DIR --model smollm2-135m --docs 2 --jobs-per-doc 2 \\
         --doc-words 300 --max-new-tokens 4 --out /tmp/ray_batch_cpu.json        # a CPU smoke run
 """
