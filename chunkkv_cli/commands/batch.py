@@ -39,7 +39,7 @@ RayOpt = Annotated[
     typer.Option(
         "--ray",
         metavar="[ADDRESS]",
-        help="Run on Ray Data (the ray extra: pip install 'chunkkv[ray]'): alone, a Ray instance on this machine; "
+        help="Run on Ray Data (the ray extra: pip install 'chunkkv\\[ray]'): alone, a Ray instance on this machine; "
         "with ADDRESS (HOST:PORT from `ray start --head`, ray://HOST:PORT or auto), that cluster. One actor and "
         "model per GPU (CPU actors without GPUs); documents must be readable at the same path on every node.",
         show_default=False,
