@@ -106,7 +106,7 @@ def test_the_pass_leaves_only_document_tokens_in_the_cache(model, prompt):
 def test_both_normalisations_score_every_document_token(model, prompt, normalize):
     from chunkkv_cli.compress.kvzip import reconstruction_scores
 
-    comp = make_compressor("kvzip", normalize=normalize, repeat_chunk=50, block=16)
+    comp = make_compressor("kvzip", normalize=normalize, repeat_chunk=50, block=16, reach=0)
     target = new_target(model, make_compressor("fullkv"))
     prefill(model, prompt, [target])
     scores = reconstruction_scores(model, target.cache, prompt, [5, 6], comp)
@@ -125,7 +125,7 @@ def test_a_piece_with_reach_attends_to_the_sinks_and_its_neighbourhood_only():
     assert route.visible(doc).flatten().tolist() == [0, 1, 2, 3] + list(range(80, 170))
     route.span = (0, 50)
     assert route.visible(doc).flatten().tolist() == list(range(70))
-    route.comp = make_compressor("kvzip")
+    route.comp = make_compressor("kvzip", reach=0)
     assert route.visible(doc) is doc
 
 

@@ -53,14 +53,14 @@ class KVzip(Compressor):
         The first tokens, always kept.
     repeat_chunk : int, default 2048
         Document tokens per repeat piece (each piece attends to the whole document, or see `reach`).
-    reach : int, default 0
-        0: every repeat piece attends to the whole document, as KVzip does. R > 0: only to the sinks and the
-        document within R tokens of the stretch it repeats, so the pass's attention grows with the document
-        instead of its square (needs normalize="local", whose scores see only that stretch anyway).
+    reach : int, default 1024
+        Document tokens on each side of its stretch that a repeat piece attends to, besides the sinks, so the
+        pass's attention grows with the document rather than its square (README: its cost and quality).
+        0: the whole document, as KVzip does. Needs normalize="local".
     normalize : str, default "local"
         "local": a token's weight is a softmax over the sinks, the stretch being repeated and the piece
         itself, as KVzip does (and cheap: no piece x document matrix); "full": over everything the piece
-        attends to.
+        attends to (with reach=0).
     block : int, default 512
         Repeat queries scored at a time (memory vs. speed).
     """
@@ -73,7 +73,7 @@ class KVzip(Compressor):
     normalize: str = "local"
     uniform_share: float = 0.0
     block: int = 512
-    reach: int = 0
+    reach: int = 1024
 
     pass_request: ClassVar[str] = REPEAT_REQUEST
     name: ClassVar[str] = "kvzip"
@@ -92,7 +92,7 @@ class KVzip(Compressor):
         if min(self.chunk_size, self.repeat_chunk, self.block) < 1 or min(self.sinks, self.reach) < 0:
             raise ChunkKVError("kvzip: chunk_size, repeat_chunk and block must be >= 1, sinks and reach >= 0")
         if self.reach and self.normalize == "full":
-            raise ChunkKVError("kvzip: reach needs normalize=local (full normalisation sees the whole document)")
+            raise ChunkKVError("kvzip: normalize=full scores over the whole document: give reach=0 with it")
 
     def keeps_whole(self, kv_len: int) -> bool:
         return kv_len <= self.sinks + self.window + self.chunk_size
