@@ -29,6 +29,9 @@ from chunkkv_cli.jobs import Job, document_groups, document_key
 LOCAL = "local"
 EXTRA_HINT = "pip install 'chunkkv[ray]'"
 CONNECT_TIMEOUT_S = 5.0
+# Times Ray restarts a dead actor and retries its document before the run stops (a crash on every try would
+# otherwise loop forever).
+RETRIES = 3
 
 RunnerFactory = Callable[[list[Job]], Callable]
 
@@ -169,7 +172,7 @@ def answer_on_ray(groups: list[list[Job]], runners: RunnerFactory, settings: Set
     size, resources = actor_resources(len(groups), actors)
     dataset = ray.data.from_items([job_row(group) for group in groups], override_num_blocks=len(groups))
     answered = dataset.map_batches(answerer_class(runners, settings), batch_size=1, compute=ActorPoolStrategy(size=size),
-                                   **resources)  # fmt: skip
+                                   max_restarts=RETRIES, max_task_retries=RETRIES, **resources)  # fmt: skip
     return answered.iter_rows(), size
 
 
@@ -206,14 +209,19 @@ def _collect(todo, output, runners, settings, actors, tally: Tally, on_done) -> 
     """Append each record to the part file as its document finishes; a fatal runner error stops the run."""
     rows, size = answer_on_ray(document_groups(todo), runners, settings, actors)
     with PartWriter(part_path(output, 0, 1)) as writer:
-        for row in rows:
-            if row["fatal"]:
-                raise RunnerError(row["fatal"])
-            if not row["record"]:
-                continue
-            record = json.loads(row["record"])
-            writer.write(record)
-            tally.add(record)
-            if on_done is not None:
-                on_done(record)
+        try:
+            for row in rows:
+                if row["fatal"]:
+                    raise RunnerError(row["fatal"])
+                record = json.loads(row["record"])
+                writer.write(record)
+                tally.add(record)
+                if on_done is not None:
+                    on_done(record)
+        except ChunkKVError:
+            raise
+        except Exception as err:  # Ray's own failures: an actor that kept dying, a lost node, ...
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ChunkKVError(f"the Ray run stopped ({type(err).__name__}: {first}); the {tally.answered + tally.failed} "
+                               f"records written are kept, and a rerun resumes after them", 1) from err  # fmt: skip
     return size

@@ -36,12 +36,14 @@ class TinyRunners:
     """A runner factory for the actors: one tiny model per actor. With `die_once`, the actor's process exits at
     its first job of mill.txt the first time any actor gets there (a marker file says it happened)."""
 
-    def __init__(self, die_once: Path | None = None):
-        self.die_once, self.loaded = die_once, None
+    def __init__(self, die_once: Path | None = None, die_always: bool = False):
+        self.die_once, self.die_always, self.loaded = die_once, die_always, None
 
     def __call__(self, jobs):
-        if self.die_once is not None and jobs[0].path.name == "mill.txt" and not self.die_once.exists():
-            self.die_once.write_text(str(os.getpid()))
+        at_mill = jobs[0].path.name == "mill.txt"
+        if at_mill and (self.die_always or (self.die_once is not None and not self.die_once.exists())):
+            if self.die_once is not None:
+                self.die_once.write_text(str(os.getpid()))
             os._exit(1)
         return ModelRunner(self._load, jobs, SETTINGS)
 
@@ -120,6 +122,26 @@ def test_an_actor_that_dies_has_its_document_retried_and_nothing_is_lost(local_r
     assert [r["id"] for r in rows] == ["h1", "m1", "gone", "h2", "m2"]  # each job once, in input order
     assert [r["status"] for r in rows] == ["ok", "ok", "error", "ok", "ok"] and summary["answered"] == 4
     assert not (tmp_path / "answers.jsonl.parts").exists()
+
+
+@pytest.mark.ray
+def test_an_actor_that_always_dies_stops_the_run_in_one_line_keeping_what_was_written(local_ray, jobs_file, tmp_path):
+    from chunkkv_cli.errors import ChunkKVError
+    from chunkkv_cli.ray_batch import run_ray_batch
+
+    jobs, out = read_jobs(jobs_file), tmp_path / "answers.jsonl"
+    harbour = [job for job in jobs if job.path.name == "harbour.txt"]
+    run_ray_batch(harbour, out, TinyRunners(), SETTINGS)
+    out.rename(tmp_path / "harbour.jsonl")  # harbour's records, as a part file an interrupted run left behind
+    (tmp_path / "answers.jsonl.parts").mkdir()
+    (tmp_path / "harbour.jsonl").rename(tmp_path / "answers.jsonl.parts" / "rank-0-of-1.jsonl")
+    with pytest.raises(ChunkKVError, match="the Ray run stopped .* records written are kept"):
+        run_ray_batch(jobs, out, TinyRunners(die_always=True), SETTINGS, actors=1)
+    part = tmp_path / "answers.jsonl.parts" / "rank-0-of-1.jsonl"
+    assert {"h1", "h2"} <= {json.loads(line)["id"] for line in part.read_text().splitlines()}
+    summary = run_ray_batch(jobs, out, TinyRunners(), SETTINGS, actors=1)
+    assert (summary["skipped"], summary["answered"]) == (2, 2)
+    assert [r["id"] for r in records(out)] == ["h1", "m1", "gone", "h2", "m2"]
 
 
 def cli(*args):
