@@ -74,10 +74,10 @@ def check_reachable(address: str) -> None:
 def connect(address: str, num_cpus: int | None = None, runtime_env: dict | None = None) -> bool:
     """Join (or start) the Ray cluster; True when this call started the connection (the caller shuts it down)."""
     ray = require_ray()
-    if ray.is_initialized():
-        return False
     if address != LOCAL:
         check_reachable(address)
+    if ray.is_initialized():  # a session that already joined a cluster (a notebook, a test) keeps it
+        return False
     quiet_ray()
     try:
         ray.init(address=None if address == LOCAL else address, num_cpus=num_cpus, runtime_env=runtime_env,
