@@ -111,10 +111,16 @@ _BOOL_FIELDS = ("attention_bias", "tie_word_embeddings")
 _STR_FIELDS = ("name", "hf_id", "family", "dtype", "weights", "description")
 
 
+def data_dir(name: str) -> Path:
+    """A folder of bundled data ("profiles", "samples"): `chunkkv_cli/_data/NAME`, a link to the repository's
+    NAME/ folder in a checkout, which a wheel copies in as package data."""
+    return (Path(__file__).resolve().parent / "_data" / name).resolve()
+
+
 def profiles_dir() -> Path:
-    """The folder of named profiles: $CHUNKKV_PROFILES_DIR, else `profiles/` at the repository root."""
+    """The folder of named profiles: $CHUNKKV_PROFILES_DIR, else the bundled `profiles/`."""
     override = os.environ.get("CHUNKKV_PROFILES_DIR")
-    return Path(override) if override else Path(__file__).resolve().parent.parent / "profiles"
+    return Path(override) if override else data_dir("profiles")
 
 
 def profile_names() -> list[str]:
