@@ -15,6 +15,7 @@ from chunkkv_cli.compress.base import gather_tokens
 from chunkkv_cli.documents import pass_request_ids
 from chunkkv_cli.engine import CompressionSession, Target, forward, full_range, store_layer, use_compressing_attention
 from chunkkv_cli.options import DECODERS
+from chunkkv_cli.route import is_sliding
 
 
 @dataclass
@@ -72,6 +73,8 @@ def apply_score_pass(model, target: Target, input_ids: torch.Tensor, repeat_prom
     keep = target.compressor.score_pass(model, target.cache, input_ids, repeat_prompt)
     for layer_idx, idx in enumerate(keep):
         layer = target.cache.layers[layer_idx]
+        if idx is None and is_sliding(layer):  # the window the model keeps, recorded as such at prefill
+            continue
         keys, values = (layer.keys, layer.values) if idx is None else (gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx))
         store_layer(target.cache, layer_idx, keys.contiguous(), values.contiguous())
         if target.record:

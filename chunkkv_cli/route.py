@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 
 
+def is_sliding(layer) -> bool:
+    """A cache layer that holds a sliding window (the model's own, never compressed by chunkkv)."""
+    return bool(getattr(layer, "is_sliding", False))
+
+
 class Route:
     """Handed to the attention function of every layer for one forward. Subclasses override either hook."""
 
@@ -17,3 +22,9 @@ class Route:
 
     def after_attention(self, layer_idx: int, query, key, value, scaling: float) -> None:
         """Called with the layer's rotated queries and its cache's keys/values once attention has run."""
+
+    def sliding_layer(self, layer_idx: int, query, key, value) -> None:
+        """Called instead of both hooks on a sliding-window layer, which keeps the window cache the model defines.
+
+        key/value: what the layer attended to (its window before this forward, then this forward's tokens).
+        """
