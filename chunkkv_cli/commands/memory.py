@@ -126,6 +126,12 @@ def explanation(report: dict) -> list[str]:
         report["why_paper_differs"],
         "Compressed limits count the prefill peak: earlier layers already compressed, one layer at full length.",
     ]
+    if report["sliding_layers"]:
+        lines.append(
+            f"{report['sliding_layers']} of {report['num_layers']} layers slide over {report['sliding_window']:,} tokens: "
+            "they cache their window (as the model defines it) and are not compressed; the ratio applies to the "
+            f"{report['full_attention_layers']} full-attention layers."
+        )
     context = report["max_context"]
     if max(report["seq"], report["max_seq_full"], report["max_seq_compressed"]) > context:
         lines.append(f"* beyond {report['model']}'s {context:,}-token context.")
