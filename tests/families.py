@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 import torch
 
+import chunkkv_cli.compress  # noqa: F401  (before the engine: compress's methods import the engine themselves)
 from chunkkv_cli.profiles import Profile, load_profile
 
 # One shipped profile per family (Mistral twice: with and without a sliding window).
@@ -23,8 +24,8 @@ SMALL_EXTRA = {"num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 
                "query_pre_attn_scalar": 16}  # fmt: skip
 
 
-def tiny_profile(name: str) -> Profile:
-    """The profile `name` with tiny sizes and the same layer layout."""
+def tiny_profile(name: str, **overrides) -> Profile:
+    """The profile `name` with tiny sizes and the same layer layout (`overrides`: other profile fields)."""
     full = load_profile(name)
     layers = max(3, (full.full_every or 0) + 1)
     extra = {k: SMALL_EXTRA.get(k, v) for k, v in full.extra.items()}
@@ -34,16 +35,16 @@ def tiny_profile(name: str) -> Profile:
     return Profile(**{**asdict(full), "num_layers": layers, "hidden_size": 64, "intermediate_size": 64,
                       "vocab_size": 128, "head_dim": 16, "num_attention_heads": 4, "num_kv_heads": 2,
                       "sliding_window": WINDOW if full.sliding_window else None, "extra": extra,
-                      "rope_scaling": rope, "max_context": 4096})  # fmt: skip
+                      "rope_scaling": rope, "max_context": 4096, **overrides})  # fmt: skip
 
 
-def tiny_family_model(family: str, attn_implementation=None, dtype=torch.float32):
+def tiny_family_model(family: str, attn_implementation=None, dtype=torch.float32, **overrides):
     """(model, reference): the family's tiny model under chunkkv's attention, and the same weights under eager."""
     from transformers import AutoModelForCausalLM
 
     from chunkkv_cli.engine import ATTENTION_NAME
 
-    config = tiny_profile(FAMILY_PROFILES[family]).to_hf_config()
+    config = tiny_profile(FAMILY_PROFILES[family], **overrides).to_hf_config()
     config.pad_token_id = config.bos_token_id = config.eos_token_id = None  # the published ids lie past 128 tokens
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation or ATTENTION_NAME, dtype=dtype)
