@@ -146,3 +146,32 @@ def test_memory_counts_each_layer_type():
     assert every["gqa_bytes"] == every["compressed_bytes"] == 2 * 8 * 128 * 2 * 32 * 4095
     plain = memory_report(load_profile("qwen3-8b"), "32k", ratio=0.1, dtype="bf16")
     assert plain["sliding_layers"] == 0 and plain["gqa_bytes"] == 2 * 8 * 128 * 2 * 36 * 32768
+
+
+@pytest.mark.parametrize("model_type, kind", [("t5", "an encoder-decoder"), ("mamba", "a state-space model"),
+                                              ("rwkv", "a linear-attention (RNN) model"), ("gpt2", None)])  # fmt: skip
+def test_a_model_without_a_compressible_kv_cache_is_one_line_naming_the_families(tmp_path, model_type, kind):
+    import json
+
+    from typer.testing import CliRunner
+
+    from chunkkv_cli.cli import app
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": model_type, "num_hidden_layers": 2}))
+    (tmp_path / "doc.txt").write_text("A short document.")
+    result = CliRunner().invoke(app, ["ask", str(tmp_path / "doc.txt"), "Who?", "--model", str(tmp_path / "m")])
+    assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1, result.output
+    assert (f"'{model_type}' is {kind}" if kind else f"'{model_type}' is not supported") in result.output
+    assert "decoder-only attention models: llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, phi3, gemma2" in result.output
+
+
+def test_a_gguf_file_of_a_state_space_model_is_refused_by_name(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(tmp_path / "ssm.gguf"), "mamba")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ChunkKVError, match="architecture 'mamba' is a state-space model, with no attention KV cache"):
+        load_profile(str(tmp_path / "ssm.gguf"))
