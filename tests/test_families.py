@@ -175,3 +175,21 @@ def test_a_gguf_file_of_a_state_space_model_is_refused_by_name(tmp_path):
     writer.close()
     with pytest.raises(ChunkKVError, match="architecture 'mamba' is a state-space model, with no attention KV cache"):
         load_profile(str(tmp_path / "ssm.gguf"))
+
+
+def test_a_window_longer_than_the_context_loads_as_full_attention(tmp_path):
+    """Phi-3.5's published config: sliding_window 262144, context 131072; its layers must stay compressible."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from chunkkv_cli.model import window_override
+
+    model, _ = tiny_family_model("phi3")
+    model.config.sliding_window = 262144
+    model.save_pretrained(tmp_path)
+    assert window_override(tmp_path) == {"sliding_window": None}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, **window_override(tmp_path))
+    assert not any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=loaded.config).layers)
+    assert load_profile(str(tmp_path)).sliding_window is None
+    model.config.sliding_window = 64  # shorter than the context: a real window, kept
+    model.save_pretrained(tmp_path)
+    assert window_override(tmp_path) == {}
