@@ -44,8 +44,10 @@ def windowed_attention(query, key, value, scaling: float, window=None, softcap=N
         rows = torch.arange(first_row, last_row + 1, device=query.device)
         mask = block_mask(rows, torch.arange(lo, last_row + 1, device=query.device), window)
         q, k, v = query[:, :, start:stop], key[:, :, lo : last_row + 1], value[:, :, lo : last_row + 1]
-        if softcap is None and sinks is None:
-            part = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        if softcap is None and sinks is None:  # K/V repeated per query head: CUDA's masked kernel does not group them
+            groups = q_heads // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            part = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
         else:
             part = eager_block(q, k, v, mask, scaling, softcap, sinks)
         out[:, start:stop] = part.transpose(1, 2)
