@@ -52,13 +52,16 @@ def write_tiny_gguf(model, family: str, path: Path) -> Path:
 
 
 def add_vocabulary(writer, size: int) -> None:
-    """A BPE vocabulary of `size` single-character tokens (no merges); the last one is end-of-text."""
-    tokens = [chr(0x100 + i) if i < size - 1 else "<|endoftext|>" for i in range(size)]
+    """A BPE vocabulary of `size` tokens: single characters, two merges, then end-of-text.
+
+    (transformers 5.17's converter needs merges, and reads a one-element list as a bare string.)"""
+    pairs = [(chr(0x100), chr(0x101)), (chr(0x102), chr(0x103))]
+    tokens = [chr(0x100 + i) for i in range(size - 3)] + ["".join(p) for p in pairs] + ["<|endoftext|>"]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokens)
     writer.add_token_types([1] * (size - 1) + [3])
-    writer.add_token_merges([])
+    writer.add_token_merges([" ".join(p) for p in pairs])
     writer.add_token_scores([0.0] * size)
     writer.add_eos_token_id(size - 1)
     writer.add_bos_token_id(size - 1)
