@@ -30,24 +30,29 @@ from chunkkv_cli.reuse import CompressedPrefix, answer_question
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
-def scored(model, tok, ids, normalize: str, memo: dict):
-    """The full prefilled cache and its reconstruction scores (computed once per normalisation)."""
-    if normalize not in memo:
+PASS_PARAMS = ("normalize", "repeat_chunk", "reach", "sinks")
+
+
+def scored(model, tok, ids, params: dict, memo: dict):
+    """The full prefilled cache and its reconstruction scores (computed once per setting of the pass)."""
+    pass_params = {k: params[k] for k in PASS_PARAMS if k in params}
+    key = json.dumps(pass_params, sort_keys=True)
+    if key not in memo:
         full = new_target(model, make_compressor("fullkv"))
         start = time.perf_counter()
         prefill(model, ids, [full])
         prefilled = time.perf_counter()
-        comp = make_compressor("kvzip", normalize=normalize)
+        comp = make_compressor("kvzip", **pass_params)
         scores = reconstruction_scores(model, full.cache, ids, pass_request_ids(tok, comp), comp)
         timing = {"prefill_s": round(prefilled - start, 1), "pass_s": round(time.perf_counter() - prefilled, 1)}
-        memo[normalize] = (full.cache, scores, timing)
-    return memo[normalize]
+        memo[key] = (full.cache, scores, timing)
+    return memo[key]
 
 
 def run_variant(model, tok, ids, qa, params: dict, memo: dict) -> dict:
     params = dict(params)
     narrow_ratio = params.pop("narrow", None)
-    cache, scores, timing = scored(model, tok, ids, params.get("normalize", "local"), memo)
+    cache, scores, timing = scored(model, tok, ids, params, memo)
     keep = make_compressor("kvzip", **params).keep(scores)
     layers = cache.layers
     prefix = CompressedPrefix([gather_tokens(l.keys, i) for l, i in zip(layers, keep)],

@@ -119,8 +119,8 @@ def measure_once(model, ids, compressor, reuse_layers: int, decode_tokens: int, 
         answer, setup_seconds = timed_decode(model, target.cache, pre, ids.shape[1], decode_tokens, decoder, recall)
     answer.kept_per_layer, answer.kept_tokens = kept, sum(kept) / len(kept)
     answer.full_kv_bytes = pre.full_bytes * replicate
-    return row_fields(answer, setup_seconds, ids.shape[0] * replicate, decode_tokens, prefill_mem.peak,
-                      decode_mem.peak, recall)  # fmt: skip
+    row = row_fields(answer, setup_seconds, ids.shape[0] * replicate, decode_tokens, prefill_mem.peak, decode_mem.peak, recall)
+    return {**row, "pass_s": pre.pass_seconds}
 
 
 def timed_decode(model, cache, pre, prompt_len: int, decode_tokens: int, decoder: str, recall):
@@ -196,7 +196,7 @@ def measure_case(model, case: Case, compression: Compression, decode_tokens: int
         for _ in range(repeats)
     ]
     result = median_of(runs)
-    result["runs"] = {k: [r[k] for r in runs] for k in ("prefill_s", "compress_s", "decoder_setup_s", "decode_ms_per_token")}
+    result["runs"] = {k: [r[k] for r in runs] for k in ("prefill_s", "pass_s", "compress_s", "decoder_setup_s", "decode_ms_per_token")}
     result["kept_tokens"] = compressor.kept_tokens(case.seq)
     return result
 

@@ -29,6 +29,7 @@ class Prefill:
     seconds: float
     compress_seconds: float
     full_bytes: int  # KV bytes the uncompressed cache would hold, summed over the layers as they passed
+    pass_seconds: float = 0.0  # the methods' own scoring passes after the forward (in `seconds` too)
 
 
 def synchronize(device: torch.device) -> None:
@@ -59,15 +60,15 @@ def prefill(model, input_ids: torch.Tensor, targets: list[Target], on_layer=None
     out = forward(model, input_ids, work, positions, route=session, last_only=True)
     synchronize(input_ids.device)
     forward_done = time.perf_counter()
-    for target in targets:
-        if target.compressor.caps.own_pass:
-            request = repeat_prompt if repeat_prompt is not None else pass_request_ids(tokenizer, target.compressor)
-            apply_score_pass(model, target, input_ids, request)
+    passes = [target for target in targets if target.compressor.caps.own_pass]
+    for target in passes:
+        request = repeat_prompt if repeat_prompt is not None else pass_request_ids(tokenizer, target.compressor)
+        apply_score_pass(model, target, input_ids, request)
     synchronize(input_ids.device)
-    pass_seconds = time.perf_counter() - forward_done
+    pass_seconds = time.perf_counter() - forward_done if passes else 0.0
     logits = out.logits[:, -1].float()
     compress_seconds = session.compress_seconds() + pass_seconds
-    return Prefill(logits, input_ids.shape[1], forward_done - start + pass_seconds, compress_seconds, session.full_bytes)
+    return Prefill(logits, input_ids.shape[1], forward_done - start + pass_seconds, compress_seconds, session.full_bytes, pass_seconds)
 
 
 def apply_score_pass(model, target: Target, input_ids: torch.Tensor, repeat_prompt=()) -> None:

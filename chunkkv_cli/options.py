@@ -37,6 +37,8 @@ class Compression:
         Layers per group sharing one selection (1 = no index reuse).
     offload : str, optional
         ``"cpu"``: methods that recall tokens at decode time keep the clustered K/V in host memory.
+    params : tuple of str
+        The method's own parameters as ``KEY=VALUE`` (``--param``; `chunkkv methods` lists them).
     """
 
     method: str = "chunkkv"
@@ -46,8 +48,13 @@ class Compression:
     chunk_size: int | None = None
     reuse_layers: int = 1
     offload: str | None = None
+    params: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "params", tuple(self.params))
+        for pair in self.params:
+            if "=" not in pair or not pair.split("=", 1)[0].strip():
+                raise ChunkKVError(f"--param takes KEY=VALUE (e.g. reach=1024), got {pair!r}")
         if self.method not in registry.REGISTRY:
             raise ChunkKVError(f"unknown method {self.method!r}; choose one of: {', '.join(registry.names())}")
         check_ratio_budget(self.ratio, self.budget)
@@ -62,21 +69,22 @@ class Compression:
         `method` builds another method at the same settings (bench and eval compare methods side by side);
         ``--offload`` is then passed only to methods that take it.
         """
-        from chunkkv_cli.compress import compressor_for, method_class
+        from chunkkv_cli.compress import compressor_for, method_class, typed_params
 
         if method is None and self.offload is not None and "offload" not in method_class(self.method).parameters():
             raise ChunkKVError(
                 f"--offload is for methods that recall tokens at decode time (clusterkv), not {self.method}"
             )
-        return compressor_for(
-            method or self.method, ratio=self.ratio, budget=self.budget, window=self.window,
-            chunk_size=self.chunk_size, offload=self.offload,
-        )  # fmt: skip
+        own = typed_params(self.method, self.params) if method in (None, self.method) else {}
+        shared = {"ratio": self.ratio, "budget": self.budget, "window": self.window, "chunk_size": self.chunk_size,
+                  "offload": self.offload}  # fmt: skip
+        return compressor_for(method or self.method, **{**shared, **own})
 
     def settings(self) -> dict:
         """The compression settings as a report lists them (offload only when set)."""
         shared = {"ratio": self.ratio, "budget": self.budget, "window": self.window, "chunk_size": self.chunk_size}
-        return shared if self.offload is None else {**shared, "offload": self.offload}
+        shared = shared if self.offload is None else {**shared, "offload": self.offload}
+        return {**shared, "params": dict(p.split("=", 1) for p in self.params)} if self.params else shared
 
 
 @dataclass(frozen=True)

@@ -93,3 +93,9 @@ def test_bench_bad_input_is_one_line(args, message):
     result = CliRunner().invoke(app, ["bench", "--device", "cpu", *args])
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_method_with_its_own_pass_reports_the_pass_apart(model):
+    rows = run_bench(model, plan_cases("kvzip", [96], [1], [1]), Compression(method="kvzip", ratio=0.25, window=8), 2, 1)
+    full, kvzip = rows
+    assert full["pass_s"] == 0.0 and 0 < kvzip["pass_s"] <= kvzip["compress_s"] <= kvzip["prefill_s"]

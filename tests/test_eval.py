@@ -379,6 +379,8 @@ def test_eval_needle_json_and_files(tiny_cli, tmp_path):
         (["--ratios", "abc"], "not a number"),
         (["--lengths", "2x"], "--lengths '2x' is not a token count"),
         (["--needle", "The key is 5."], "go together"),
+        (["--methods", "chunkkv,fullkv", "--param", "reach=8"], "none of the methods chunkkv, fullkv takes 'reach'"),
+        (["--methods", "kvzip", "--param", "reach=x"], "kvzip: reach must be of type int"),
     ],
 )
 def test_eval_rejects_bad_options(tiny_cli, tmp_path, args, message):
@@ -416,6 +418,13 @@ def test_question_agnostic_runs_compress_the_document_before_the_question(model,
     full = runner.run_grid(model, CharTokenizer(), samples, aware, tmp_path / "aware")
     same = {r["sample"]: r["answer"] for r in store.records.values() if r["method"] == "fullkv"}
     assert same == {r["sample"]: r["answer"] for r in full.records.values()}  # the full cache loses nothing by the split
+
+
+def test_a_method_parameter_reaches_only_the_methods_that_take_it():
+    settings = runner.Settings("needle", "tiny", ["kvzip", "chunkkv"], [0.3], params=["reach=64", "pool_kernel=3"])
+    kvzip, chunkkv = (settings.compression(runner.Point(m, 0.3)).compressor() for m in ("kvzip", "chunkkv"))
+    assert kvzip.reach == 64 and chunkkv.pool_kernel == 3
+    assert "params" in settings.identity()  # a resumed run with other parameters is refused
 
 
 def test_question_agnostic_is_for_tasks_with_a_question():

@@ -106,7 +106,7 @@ def test_the_pass_leaves_only_document_tokens_in_the_cache(model, prompt):
 def test_both_normalisations_score_every_document_token(model, prompt, normalize):
     from chunkkv_cli.compress.kvzip import reconstruction_scores
 
-    comp = make_compressor("kvzip", normalize=normalize, repeat_chunk=50, block=16)
+    comp = make_compressor("kvzip", normalize=normalize, repeat_chunk=50, block=16, reach=0)
     target = new_target(model, make_compressor("fullkv"))
     prefill(model, prompt, [target])
     scores = reconstruction_scores(model, target.cache, prompt, [5, 6], comp)
@@ -115,7 +115,34 @@ def test_both_normalisations_score_every_document_token(model, prompt, normalize
     assert kept_lengths(target.cache) == [PROMPT_LEN] * 4  # the pieces' own K/V is gone again
 
 
-@pytest.mark.parametrize("bad", [{"heads": "some"}, {"budget_shape": "pyramid"}, {"repeat_chunk": 0}, {"normalize": "x"}])
+def test_a_piece_with_reach_attends_to_the_sinks_and_its_neighbourhood_only():
+    from chunkkv_cli.compress.kvzip import ReconstructionRoute
+
+    doc = torch.arange(300.0).view(1, 1, 300, 1)
+    layer = type("Layer", (), {"keys": doc, "values": doc})()
+    route = ReconstructionRoute(type("Cache", (), {"layers": [layer]})(), 300, make_compressor("kvzip", reach=20))
+    route.span = (100, 150)
+    assert route.visible(doc).flatten().tolist() == [0, 1, 2, 3] + list(range(80, 170))
+    route.span = (0, 50)
+    assert route.visible(doc).flatten().tolist() == list(range(70))
+    route.comp = make_compressor("kvzip", reach=0)
+    assert route.visible(doc) is doc
+
+
+def test_reach_beyond_the_document_scores_as_the_whole_document(model, prompt):
+    from chunkkv_cli.compress.kvzip import reconstruction_scores
+
+    target = new_target(model, make_compressor("fullkv"))
+    prefill(model, prompt, [target])
+    whole, near, wide = (reconstruction_scores(model, target.cache, prompt, [5, 6], make_compressor("kvzip", reach=r, repeat_chunk=50))
+                         for r in (0, 10, PROMPT_LEN))  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(whole, wide))
+    assert not all(torch.allclose(a, b) for a, b in zip(whole, near))  # later layers see less of the document
+    assert all(bool((s > 0).all()) for s in near)
+
+
+@pytest.mark.parametrize("bad", [{"heads": "some"}, {"budget_shape": "pyramid"}, {"repeat_chunk": 0}, {"normalize": "x"},
+                                 {"reach": -1}, {"reach": 100, "normalize": "full"}])
 def test_bad_parameters_fail_in_one_line(bad):
     from chunkkv_cli.errors import ChunkKVError
 

@@ -24,6 +24,9 @@ from tests.conftest import CharTokenizer
         (lambda: Generation(max_new_tokens=0), "--max-new-tokens must be at least 1"),
         (lambda: Generation(decoder="turbo"), "--decoder must be one of auto, hf, fast, compiled"),
         (lambda: Compression(method="snapkv", offload="cpu").compressor(), "--offload is for methods"),
+        (lambda: Compression(params=("reach",)), "--param takes KEY=VALUE"),
+        (lambda: Compression(method="kvzip", params=("reach=far",)).compressor(), "kvzip: reach must be of type int"),
+        (lambda: Compression(method="snapkv", params=("reach=9",)).compressor(), "snapkv takes no parameter 'reach'"),
     ],
 )
 def test_bad_options_fail_in_one_line(make, fragment):
@@ -38,6 +41,14 @@ def test_compression_builds_the_method_and_other_methods_at_the_same_settings():
     assert (chunk.name, chunk.budget, chunk.window, chunk.chunk_size) == ("chunkkv", 64, 8, 4)
     assert options.compressor("clusterkv").offload == "cpu" and options.compressor("snapkv").window == 8
     assert ModelSpec().model == "smollm2-135m"
+
+
+def test_method_parameters_reach_the_method_typed_and_only_that_method():
+    options = Compression("kvzip", window=8, params=("reach=64", "heads=each", "uniform_share=0.25", "chunk_size=3"))
+    kvzip = options.compressor()
+    assert (kvzip.reach, kvzip.heads, kvzip.uniform_share, kvzip.chunk_size, kvzip.window) == (64, "each", 0.25, 3, 8)
+    assert options.compressor("chunkkv").window == 8  # another method at the same settings ignores kvzip's own
+    assert options.settings()["params"] == {"reach": "64", "heads": "each", "uniform_share": "0.25", "chunk_size": "3"}
 
 
 def test_options_import_no_torch():

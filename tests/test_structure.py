@@ -84,3 +84,19 @@ def test_the_package_has_no_import_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_module_imports_first_in_a_fresh_package():
+    """Import order hides cycles through a package's __init__: each module is imported first, on its own."""
+    code = """
+import importlib, sys
+names = sys.argv[1:]
+for name in names:
+    for loaded in [m for m in sys.modules if m.startswith("chunkkv_cli")]:
+        del sys.modules[loaded]
+    importlib.import_module(name)
+"""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", code, *sorted(modules())], check=True, cwd=PACKAGE.parent)

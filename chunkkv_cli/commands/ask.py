@@ -30,6 +30,7 @@ from chunkkv_cli.commands.options import (
     DtypeOpt,
     JsonOpt,
     MaxNewTokensOpt,
+    ParamOpt,
     method_name,
     MethodOpt,
     ModelOpt,
@@ -71,7 +72,7 @@ QuestionsOpt = Annotated[
 # Options that decide how a document is compressed: meaningless for a cache that is already compressed.
 COMPRESSION_OPTIONS = ("reuse_layers", "truncate")
 # With a .ckv, these narrow the stored tokens per question (the question's queries score them); they need a size.
-NARROWING_OPTIONS = ("method", "ratio", "budget", "chunk_size", "window")
+NARROWING_OPTIONS = ("method", "ratio", "budget", "chunk_size", "window", "params")
 
 
 def ask(
@@ -89,6 +90,7 @@ def ask(
     chunk_size: ChunkSizeOpt = None,
     window: WindowOpt = 32,
     reuse_layers: ReuseOpt = 1,
+    params: ParamOpt = None,
     max_new_tokens: MaxNewTokensOpt = 128,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -106,10 +108,10 @@ def ask(
     asked = _questions(question, questions)
     if document.endswith(".ckv"):
         _reject_compression_options(ctx, document)
-        narrow = _narrowing(ctx, method, ratio, budget, window, chunk_size)
+        narrow = _narrowing(ctx, method, ratio, budget, window, chunk_size, params)
         return _ask_cache(document, asked, spec, given(ctx, "model"), generation, json_out, questions is not None, narrow)
     compression = Compression(method_name(method, questions is None), ratio, budget, window, chunk_size, reuse_layers,
-                              offload)  # fmt: skip
+                              offload, tuple(params or ()))  # fmt: skip
     compressor = compression.compressor()  # the method's own checks fail before the document is read
     if questions is not None:
         require_reusable(compressor, "ask --questions")
@@ -184,7 +186,7 @@ def _reject_compression_options(ctx: typer.Context, document: str) -> None:
         )
 
 
-def _narrowing(ctx, method, ratio, budget, window, chunk_size):
+def _narrowing(ctx, method, ratio, budget, window, chunk_size, params):
     """The method that re-selects a stored cache's tokens with each question as its window, or None."""
     set_here = [name for name in NARROWING_OPTIONS if given(ctx, name)]
     if not set_here:
@@ -192,7 +194,7 @@ def _narrowing(ctx, method, ratio, budget, window, chunk_size):
     if ratio is None and budget is None:
         raise ChunkKVError(f"--{set_here[0].replace('_', '-')} with a .ckv narrows the stored tokens per question: "
                            "give --ratio or --budget (of the document) to say how many to keep")  # fmt: skip
-    return Compression(method_name(method, True), ratio, budget, window, chunk_size).compressor()
+    return Compression(method_name(method, True), ratio, budget, window, chunk_size, params=tuple(params or ())).compressor()
 
 
 def _ask_cache(path, asked, spec, model_given, generation, json_out, many, narrow=None):

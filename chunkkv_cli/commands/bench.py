@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chunkkv_cli.commands.options import BudgetOpt, ChunkSizeOpt, DeviceOpt, JsonOpt, OffloadOpt, RatioOpt, WindowOpt
+from chunkkv_cli.commands.options import BudgetOpt, ChunkSizeOpt, DeviceOpt, JsonOpt, OffloadOpt, ParamOpt, RatioOpt, WindowOpt
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.options import Compression, ModelSpec
 from chunkkv_cli.registry import REFERENCE
@@ -47,6 +47,7 @@ def bench(
     random_weights: Annotated[bool, typer.Option(help="Random weights of the profile's shape (default when it has no weights).")] = False,
     window: WindowOpt = 32,
     chunk_size: ChunkSizeOpt = None,
+    params: ParamOpt = None,
     device: DeviceOpt = "auto",
     dtype: Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32.", show_default="bf16 on GPU, fp32 on CPU")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Also write the JSON results to this file.")] = None,
@@ -58,7 +59,7 @@ def bench(
 
     torch_device = resolve_device(device)
     defaults = GPU_DEFAULTS if torch_device.type == "cuda" else CPU_DEFAULTS
-    compression = Compression(method, ratio, budget, window, chunk_size, offload=offload)
+    compression = Compression(method, ratio, budget, window, chunk_size, offload=offload, params=tuple(params or ()))
     plan = Plan(
         seqs=_sizes(seq or defaults["seq"]), reuse=_ints(reuse_layers, "--reuse-layers"), batches=_batches(batch),
         decode_tokens=_given_or(decode_tokens, defaults["decode_tokens"]),

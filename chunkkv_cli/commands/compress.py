@@ -19,6 +19,7 @@ from chunkkv_cli.commands.options import (
     JsonOpt,
     method_name,
     MethodOpt,
+    ParamOpt,
     ModelOpt,
     RatioOpt,
     ReuseOpt,
@@ -59,6 +60,7 @@ def compress(
     chunk_size: ChunkSizeOpt = None,
     window: WindowOpt = 32,
     reuse_layers: ReuseOpt = 1,
+    params: ParamOpt = None,
     truncate: TruncateOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -69,7 +71,8 @@ def compress(
     from chunkkv_cli.cache_io import make_meta, method_meta, model_identity, save
 
     spec = ModelSpec(model, device, dtype, trust_remote_code)
-    compression = Compression(method_name(method, question_known=False), ratio, budget, window, chunk_size, reuse_layers)
+    compression = Compression(method_name(method, question_known=False), ratio, budget, window, chunk_size, reuse_layers,
+                              params=tuple(params or ()))  # fmt: skip
     compressor = compression.compressor()
     require_reusable(compressor, "compress")
     out = output_path(document, output)

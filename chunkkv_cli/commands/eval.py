@@ -19,6 +19,7 @@ from chunkkv_cli.commands.options import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    ParamOpt,
     ReuseOpt,
     WindowOpt,
 )
@@ -98,6 +99,21 @@ def _agnostic_task(agnostic: bool, task: str) -> bool:
     return agnostic
 
 
+def _method_params(params: list[str], methods: list[str]) -> list[str]:
+    """--param pairs, each checked against the methods of the grid that take its key (one must)."""
+    from chunkkv_cli.compress import method_class
+    from chunkkv_cli.options import Compression
+
+    for pair in params:
+        Compression(params=(pair,))  # KEY=VALUE, else one line
+        key = pair.split("=", 1)[0].strip()
+        takers = [m for m in methods if key in method_class(m).parameters()]
+        if not takers:
+            raise ChunkKVError(f"--param {pair}: none of the methods {', '.join(methods)} takes {key!r}")
+        Compression(takers[0], params=(pair,)).compressor()  # the value's type, checked before any model loads
+    return params
+
+
 OutOpt = Annotated[Path, typer.Option(help="Folder for records.jsonl, results.json and plots; rerun to resume.")]
 
 
@@ -120,6 +136,7 @@ def eval_command(
     reuse_layers: ReuseOpt = 1,
     max_new_tokens: MaxNewOpt = None,
     question_agnostic: AgnosticOpt = False,
+    params: ParamOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     out: OutOpt = Path("eval-out"),
@@ -139,6 +156,7 @@ def eval_command(
         reuse_layers=_at_least(reuse_layers, 1, "--reuse-layers"),
         max_new_tokens=_at_least(_or_default(max_new_tokens, task_name), 1, "--max-new-tokens"),
         question_agnostic=_agnostic_task(question_agnostic, task_name),
+        params=_method_params(params or [], parse_methods(methods, task_name)),
     )
     limit = limit if limit is None else _at_least(limit, 1, "--limit")
     raw, settings.source = read_task_data(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich import box
@@ -20,16 +20,21 @@ EXAMPLES = """[b]Examples[/b]
   chunkkv methods --json
 
   chunkkv methods --markdown      (the table in the README)
+
+  chunkkv methods kvzip           (one method: what it does and its parameters, for --param KEY=VALUE)
 """
 
 
 def methods(
+    name: Annotated[Optional[str], typer.Argument(help="One method: print its description and parameters.")] = None,
     json_out: JsonOpt = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (the README's).")] = False,
 ) -> None:
     """List the compression methods: name, what it keeps, and its capabilities (what the engine asks of it)."""
     rows = method_rows()
-    if json_out:
+    if name is not None:
+        typer.echo(method_help(name))
+    elif json_out:
         typer.echo(json.dumps(rows, indent=2))
     elif markdown:
         typer.echo(markdown_table(rows))
@@ -46,6 +51,16 @@ def method_rows() -> list[dict]:
          "parameters": cls.parameters()}
         for name, cls in METHODS.items()
     ]  # fmt: skip
+
+
+def method_help(name: str) -> str:
+    """A method's docstring (summary, source, parameters with defaults) and its capabilities."""
+    import inspect
+
+    from chunkkv_cli.compress import method_class
+
+    cls = method_class(name)
+    return f"{name}: {inspect.cleandoc(cls.__doc__ or '')}\n\ncapabilities: {capability_list({'capabilities': asdict(cls.caps)})}"
 
 
 def capability_list(row: dict) -> str:

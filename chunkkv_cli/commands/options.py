@@ -29,6 +29,17 @@ def method_name(method, question_known: bool) -> str:
         return method.value
     return registry.DEFAULT if question_known else registry.QUESTION_AGNOSTIC_DEFAULT
 
+ParamOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--param",
+        "-p",
+        metavar="K=V",
+        help="A parameter of the method, KEY=VALUE; repeat for more (`chunkkv methods NAME` lists them), "
+        "e.g. -p reach=1024.",
+    ),
+]
+
 ModelOpt = Annotated[
     str,
     typer.Option(

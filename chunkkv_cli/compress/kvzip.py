@@ -52,11 +52,15 @@ class KVzip(Compressor):
     sinks : int, default 4
         The first tokens, always kept.
     repeat_chunk : int, default 2048
-        Document tokens per repeat piece (each piece attends to the whole document).
+        Document tokens per repeat piece (each piece attends to the whole document, or see `reach`).
+    reach : int, default 1024
+        Document tokens on each side of its stretch that a repeat piece attends to, besides the sinks, so the
+        pass's attention grows with the document rather than its square (README: its cost and quality).
+        0: the whole document, as KVzip does. Needs normalize="local".
     normalize : str, default "local"
         "local": a token's weight is a softmax over the sinks, the stretch being repeated and the piece
         itself, as KVzip does (and cheap: no piece x document matrix); "full": over everything the piece
-        attends to.
+        attends to (with reach=0).
     block : int, default 512
         Repeat queries scored at a time (memory vs. speed).
     """
@@ -69,6 +73,7 @@ class KVzip(Compressor):
     normalize: str = "local"
     uniform_share: float = 0.0
     block: int = 512
+    reach: int = 1024
 
     pass_request: ClassVar[str] = REPEAT_REQUEST
     name: ClassVar[str] = "kvzip"
@@ -84,8 +89,10 @@ class KVzip(Compressor):
             raise ChunkKVError(f"kvzip: uniform_share must be in [0, 1], got {self.uniform_share}")
         if self.normalize not in ("local", "full"):
             raise ChunkKVError(f"kvzip: normalize must be local or full, got {self.normalize!r}")
-        if min(self.chunk_size, self.repeat_chunk, self.block) < 1 or self.sinks < 0:
-            raise ChunkKVError("kvzip: chunk_size, repeat_chunk and block must be >= 1, sinks >= 0")
+        if min(self.chunk_size, self.repeat_chunk, self.block) < 1 or min(self.sinks, self.reach) < 0:
+            raise ChunkKVError("kvzip: chunk_size, repeat_chunk and block must be >= 1, sinks and reach >= 0")
+        if self.reach and self.normalize == "full":
+            raise ChunkKVError("kvzip: normalize=full scores over the whole document: give reach=0 with it")
 
     def keeps_whole(self, kv_len: int) -> bool:
         return kv_len <= self.sinks + self.window + self.chunk_size
@@ -190,14 +197,17 @@ class ReconstructionRoute(Route):
         """key/value: the piece's own (`PieceCache`); the document's come from the cache."""
         comp, doc_len = self.comp, self.doc_len
         doc = self.cache.layers[layer_idx]
+        doc_k, doc_v = self.visible(doc.keys), self.visible(doc.values)
         start, end = (0, doc_len) if comp.normalize == "full" else self.span
         if kvzip_kernels.available(query.device, query.shape[-1], query.dtype):
-            output, own_lse, lse = kvzip_kernels.attend(query, doc.keys, doc.values, key, value, scaling)
+            output, own_lse, lse = kvzip_kernels.attend(query, doc_k, doc_v, key, value, scaling)
             best = (kvzip_kernels.best_weights(group_queries(query, key.shape[1]).flatten(2, 3), doc.keys, lse, scaling)
                     if comp.normalize == "full" else kvzip_kernels.local_scores(query, doc.keys, own_lse, self.span, comp.sinks, scaling))  # fmt: skip
         else:
-            key, value = torch.cat([doc.keys, key], dim=2), torch.cat([doc.values, value], dim=2)
-            output = attend_cpu(query, key, value, scaling)
+            whole = torch.cat([doc.keys, key], dim=2)
+            seen = whole if doc_k is doc.keys else torch.cat([doc_k, key], dim=2)
+            output = attend_cpu(query, seen, torch.cat([doc_v, value], dim=2), scaling)
+            key = whole
             best = (full_scores(query, key, doc_len, scaling, comp.block) if comp.normalize == "full"
                     else local_scores(query, key, doc_len, self.span, comp.sinks, scaling, comp.block))  # fmt: skip
         if self.scores[layer_idx] is None:
@@ -205,6 +215,16 @@ class ReconstructionRoute(Route):
         region = self.scores[layer_idx][..., start:end]
         torch.maximum(region, best, out=region)
         return output
+
+    def visible(self, doc: torch.Tensor) -> torch.Tensor:
+        """The document keys or values this piece attends to: all of them, or the sinks and its `reach`."""
+        reach, sinks = self.comp.reach, self.comp.sinks
+        if not reach:
+            return doc
+        first, last = max(sinks, self.span[0] - reach), min(self.doc_len, self.span[1] + reach)
+        if first <= sinks:
+            return doc[:, :, :last]
+        return torch.cat([doc[:, :, :sinks], doc[:, :, first:last]], dim=2)
 
 
 def attend_cpu(query, key, value, scaling: float):

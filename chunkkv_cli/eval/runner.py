@@ -40,6 +40,7 @@ SETTING_FLAGS = {
     "chunk_size": "--chunk-size",
     "reuse_layers": "--reuse-layers",
     "max_new_tokens": "--max-new-tokens",
+    "params": "--param",
     "source": "data (--data, --haystack, --needle*, --seed)",
 }
 
@@ -57,16 +58,22 @@ class Settings:
     reuse_layers: int = 1
     max_new_tokens: int = 24
     question_agnostic: bool = False  # compress each sample's document before its question is appended
+    params: list[str] = field(default_factory=list)  # KEY=VALUE, each given to the methods that take KEY
     source: dict = field(default_factory=dict)  # where the samples come from: files, needle, seed
 
     def compression(self, point: Point) -> Compression:
         """The options of one grid point: its method and ratio (or budget), this run's window, chunks and reuse."""
+        from chunkkv_cli.compress import method_class
+
+        taken = method_class(point.method).parameters()
+        own = tuple(p for p in self.params if p.split("=", 1)[0].strip() in taken)
         return Compression(point.method, window=self.window, chunk_size=self.chunk_size,
-                           reuse_layers=self.reuse_layers, **point.compression())  # fmt: skip
+                           reuse_layers=self.reuse_layers, params=own, **point.compression())  # fmt: skip
 
     def identity(self) -> dict:
         """What a resumed run must share with the records already in --out (grid axes may change)."""
-        keep = ("task", "model", "window", "chunk_size", "reuse_layers", "max_new_tokens", "question_agnostic", "source")
+        keep = ("task", "model", "window", "chunk_size", "reuse_layers", "max_new_tokens", "question_agnostic", "params",
+                "source")  # fmt: skip
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
