@@ -11,12 +11,13 @@ from typing import Callable, Iterable
 import torch
 from transformers import DynamicCache
 
+from chunkkv_cli.blocked import blocked_route, choose_block, in_blocks
 from chunkkv_cli.compress import Compressor
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.compress.base import gather_tokens
 from chunkkv_cli.documents import pass_request_ids
 from chunkkv_cli.engine import CompressionSession, Target, forward, full_range, store_layer, use_compressing_attention
-from chunkkv_cli.options import DECODERS
+from chunkkv_cli.options import DECODERS, PREFILL_BLOCK_ATTR
 from chunkkv_cli.route import is_sliding
 
 
@@ -30,6 +31,7 @@ class Prefill:
     compress_seconds: float
     full_bytes: int  # KV bytes the uncompressed cache would hold, summed over the layers as they passed
     pass_seconds: float = 0.0  # the methods' own scoring passes after the forward (in `seconds` too)
+    block: int = 0  # tokens per block each layer ran over (prompt_len: unblocked)
 
 
 def synchronize(device: torch.device) -> None:
@@ -42,22 +44,31 @@ def new_target(model, compressor: Compressor, reuse_layers: int = 1, record: boo
 
 
 @torch.inference_mode()
-def prefill(model, input_ids: torch.Tensor, targets: list[Target], on_layer=None, repeat_prompt=None, tokenizer=None) -> Prefill:
+def prefill(
+    model, input_ids: torch.Tensor, targets: list[Target], on_layer=None, repeat_prompt=None, tokenizer=None,
+    block: int | None = None,
+) -> Prefill:
     """Run the prompt once; every target's cache ends up holding its compressed KV.
 
     input_ids: (batch, prompt_len). With several targets the model works on a scratch cache
     whose layers are freed as soon as the targets have taken their share. Methods with a scoring
     pass of their own (`caps.own_pass`) keep the full cache through the forward, then run that pass
     (`repeat_prompt`: token ids of the method's request, else phrased by `tokenizer`) and keep what it chooses;
-    `seconds` and `compress_seconds` include the pass.
+    `seconds` and `compress_seconds` include the pass. Each layer runs over blocks of `block` tokens
+    (`blocked.choose_block`: checked against free GPU memory; by default the largest that fits up to
+    `memory.AUTO_PREFILL_BLOCK` on a GPU, and no blocks on the CPU); attention still covers the whole prefix.
     """
     use_compressing_attention(model)
     work = targets[0].cache if len(targets) == 1 else DynamicCache(config=model.config)
     session = CompressionSession(work, targets, model.config.num_hidden_layers, on_layer)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    seq = input_ids.shape[1]
+    block = choose_block(model, input_ids, targets, block if block is not None else getattr(model, PREFILL_BLOCK_ATTR, None))
+    route = session if block >= seq else blocked_route(session, targets, seq)
     synchronize(input_ids.device)
     start = time.perf_counter()
-    out = forward(model, input_ids, work, positions, route=session, last_only=True)
+    with in_blocks(model, seq, block):
+        out = forward(model, input_ids, work, positions, route=route, last_only=True)
     synchronize(input_ids.device)
     forward_done = time.perf_counter()
     passes = [target for target in targets if target.compressor.caps.own_pass]
@@ -68,7 +79,8 @@ def prefill(model, input_ids: torch.Tensor, targets: list[Target], on_layer=None
     pass_seconds = time.perf_counter() - forward_done if passes else 0.0
     logits = out.logits[:, -1].float()
     compress_seconds = session.compress_seconds() + pass_seconds
-    return Prefill(logits, input_ids.shape[1], forward_done - start + pass_seconds, compress_seconds, session.full_bytes, pass_seconds)
+    return Prefill(logits, seq, forward_done - start + pass_seconds, compress_seconds, session.full_bytes, pass_seconds,
+                   block)
 
 
 def apply_score_pass(model, target: Target, input_ids: torch.Tensor, repeat_prompt=()) -> None:

@@ -189,14 +189,17 @@ def memory_report(
     dtype: str = "fp16",
     gpu_mem: str | int = DEFAULT_GPU_MEM,
     gpus: int = 1,
+    prefill_block: int | None = None,
 ) -> dict:
     """Everything `chunkkv memory` shows, as a flat dict of ints, floats, strings and (per_gpu) a list.
 
     Limits "with compression" count the prefill peak: the cache is compressed layer by layer, so while
     the last layer is being compressed the other layers hold `kept` tokens and that layer all `seq`.
-    Weights are counted at `dtype`; activations are not counted. With `gpus` > 1 the layers, their
-    weights and their KV are split as `layer_blocks` and `weight_split` say, `gpu_mem` is each GPU's
-    memory, and every limit is that of the GPU that fills first.
+    Weights are counted at `dtype`. The `prefill_*` figures add the activations of a prefill run in blocks
+    of `prefill_block` tokens (`Activations`; by default `AUTO_PREFILL_BLOCK`), every GPU holding them
+    while its layers run. With `gpus` > 1 the layers, their weights and their KV are split as
+    `layer_blocks` and `weight_split` say, `gpu_mem` is each GPU's memory, and every limit is that of
+    the GPU that fills first.
     """
     seq = parse_size(seq)
     if batch < 1:
@@ -207,8 +210,15 @@ def memory_report(
     shape = cache_shape(profile, dtype, ratio, budget)
     gpu_bytes = parse_bytes(gpu_mem)
     blocks = layer_blocks(profile.num_layers, gpus)
+    if prefill_block is not None and prefill_block < 1:
+        raise ChunkKVError(f"--prefill-block must be a positive number of tokens, got {prefill_block}")
     report = cache_report(profile, shape, seq, batch, dtype, gpu_bytes)
-    return {**report, **fit_report(shape, seq, batch, blocks, weight_split(profile, dtype, blocks), gpu_bytes)}
+    acts = Activations.of_profile(profile, dtype)
+    activations = lambda b, s: acts.bytes(b, s, prefill_block_for(s, prefill_block))  # noqa: E731
+    fits = fit_report(shape, seq, batch, blocks, weight_split(profile, dtype, blocks), gpu_bytes, activations)
+    extra = {"prefill_block": prefill_block_for(seq, prefill_block), "activation_bytes": activations(batch, seq),
+             "prefill_peak_bytes": max(share["prefill_peak_bytes"] for share in fits["per_gpu"])}  # fmt: skip
+    return {**report, **fits, **extra}
 
 
 def cache_shape(profile, dtype: str, ratio: float | None = None, budget: int | None = None) -> CacheShape:
@@ -238,18 +248,27 @@ def cache_report(profile, shape: CacheShape, seq: int, batch: int, dtype: str, g
 
 
 def fit_report(
-    shape: CacheShape, seq: int, batch: int, blocks: list[range], weights: list[int], gpu_bytes: int
+    shape: CacheShape, seq: int, batch: int, blocks: list[range], weights: list[int], gpu_bytes: int,
+    activations: Callable[[int, int], int] = lambda batch, seq: 0,
 ) -> dict:
-    """What fits beside the weights: per GPU, and the batch and length limits of the GPU that fills first."""
+    """What fits beside the weights: per GPU, and the batch and length limits of the GPU that fills first.
+
+    `activations(batch, seq)`: what a prefill holds beside weights and cache, on every GPU while its layers run.
+    """
     frees = [gpu_bytes - w for w in weights]
 
     def limit(bytes_for: Callable[[int, int, range], int]) -> Callable[[int], int]:
         """Bytes over the limit on the GPU that fills first, as a function of the prompt length."""
         return lambda s: max(bytes_for(batch, s, b) - free for b, free in zip(blocks, frees))
 
+    def prefill(b: int, s: int, layers) -> int:
+        return shape.peak(b, s, layers) + activations(b, s)
+
     per_gpu = [
         gpu_share(index, block, w, gpu_bytes, shape.full(batch, seq, block),
                   shape.compressed(batch, seq, block), shape.peak(batch, seq, block))
+        | prefill_share(w, gpu_bytes, prefill(batch, seq, block),
+                        max_seq(gpu_bytes - w, lambda s, layers=block: prefill(batch, s, layers)))
         for index, (block, w) in enumerate(zip(blocks, weights))
     ]  # fmt: skip
     return {
@@ -261,7 +280,19 @@ def fit_report(
         "max_batch_compressed": min(max_batch(f, shape.peak(1, seq, b)) for b, f in zip(blocks, frees)),
         "max_seq_full": max_seq(0, limit(shape.full)),
         "max_seq_compressed": max_seq(0, limit(shape.peak)),
+        "fits_prefill": all(share["fits_prefill"] for share in per_gpu),
+        "max_batch_prefill": min(max_batch(f, prefill(1, seq, b)) for b, f in zip(blocks, frees)),
+        "max_seq_prefill": min(share["max_seq_prefill"] for share in per_gpu),
         "per_gpu": per_gpu,
+    }
+
+
+def prefill_share(weights: int, gpu_bytes: int, prefill_bytes: int, longest: int) -> dict:
+    """One GPU's prefill: weights + cache at its prefill peak + activations, and the longest prompt that fits."""
+    return {
+        "prefill_peak_bytes": weights + prefill_bytes,
+        "fits_prefill": weights + prefill_bytes <= gpu_bytes,
+        "max_seq_prefill": longest,
     }
 
 
@@ -307,3 +338,58 @@ def gpu_share(
         "fits_full": weights + full <= gpu_bytes,
         "fits_compressed": weights + compressed_peak <= gpu_bytes,
     }
+
+
+AUTO_PREFILL_BLOCK = 8192  # tokens: the GEMMs are as fast as over the whole sequence, the MLP's scratch under 1 GiB
+MIN_PREFILL_BLOCK = 256
+PREFILL_BLOCK_STEP = 256
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What a blocked prefill holds beside the weights and the cache (`generate.prefill` with a block size).
+
+    For the whole sequence: the hidden state (one copy, written over block by block) and RoPE's cos and sin.
+    For one block, at its peak inside the MLP: act(gate), up and their product beside the block's residual
+    and normed input. At each layer's last block the window's queries score every key: their logits and
+    probabilities (window-scoring methods; all-query methods such as H2O hold the layer's queries too).
+    """
+
+    hidden: int
+    intermediate: int
+    q_heads: int
+    head_dim: int
+    dtype_bytes: int
+    window: int = 32
+
+    @classmethod
+    def of_profile(cls, profile, dtype: str, window: int = 32) -> "Activations":
+        return cls(profile.hidden_size, profile.intermediate_size, profile.num_attention_heads, profile.head_dim,
+                   dtype_bytes(dtype), window)  # fmt: skip
+
+    def bytes(self, batch: int, seq: int, block: int) -> int:
+        block = min(block, seq)
+        sequence = seq * (self.hidden + 2 * self.head_dim)
+        one_block = block * (3 * self.intermediate + 2 * self.hidden)
+        scoring = 2 * self.q_heads * min(self.window, seq) * seq
+        return batch * (sequence + one_block + scoring) * self.dtype_bytes
+
+
+def prefill_block_for(seq: int, block: int | None) -> int:
+    """The block a prefill of `seq` tokens runs at: `block`, else the automatic size; never more than `seq`."""
+    return min(seq, AUTO_PREFILL_BLOCK if block is None else block)
+
+
+def largest_block(seq: int, fits: Callable[[int], bool], limit: int | None = None) -> int:
+    """Largest block (a multiple of PREFILL_BLOCK_STEP, or `seq` itself) up to `limit` for which `fits`; 0 if none."""
+    top = min(seq, limit or seq)
+    candidates = [top] + list(range(top // PREFILL_BLOCK_STEP * PREFILL_BLOCK_STEP, 0, -PREFILL_BLOCK_STEP))
+    return next((b for b in candidates if b >= min(seq, MIN_PREFILL_BLOCK) and fits(b)), 0)
+
+
+def prefill_peak(profile, dtype: str, seq: int, block: int | None = None, batch: int = 1, ratio: float | None = None,
+                 budget: int | None = None, window: int = 32) -> int:
+    """Predicted peak of a blocked prefill: weights, the cache at its prefill peak, and `Activations` at the block."""
+    shape = CacheShape(profile.num_layers, profile.num_kv_heads, profile.head_dim, dtype_bytes(dtype), ratio, budget)
+    acts = Activations.of_profile(profile, dtype, window)
+    return profile.weight_bytes(dtype) + shape.peak(batch, seq) + acts.bytes(batch, seq, prefill_block_for(seq, block))

@@ -14,6 +14,7 @@ from chunkkv_cli.memory import check_ratio_budget
 
 DEFAULT_MODEL = "smollm2-135m"
 DECODERS = ("auto", "hf", "fast", "compiled")
+PREFILL_BLOCK_ATTR = "chunkkv_prefill_block"  # set on a loaded model by `ModelSpec.configure`
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,16 @@ class ModelSpec:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    prefill_block: int | None = None  # tokens per prefill block; None: chosen from free GPU memory
+
+    def __post_init__(self) -> None:
+        if self.prefill_block is not None and self.prefill_block < 1:
+            raise ChunkKVError(f"--prefill-block must be a positive number of tokens, got {self.prefill_block}")
+
+    def configure(self, model) -> None:
+        """Settings the model carries into every prefill (`generate.prefill` reads them)."""
+        if self.prefill_block is not None:
+            setattr(model, PREFILL_BLOCK_ATTR, self.prefill_block)
 
     def load(self, device: str | None = None):
         """The model and tokenizer (`model.Loaded`), on `device` if given (a rank's GPU), else ``self.device``."""
@@ -130,4 +141,5 @@ class ModelSpec:
         loaded = load_model(self.model, device or self.device, dtype, trust_remote_code=self.trust_remote_code)
         if loaded.tokenizer is None:
             raise ChunkKVError(f"{self.model} has no weights or tokenizer to answer with; use a model with weights")
+        self.configure(loaded.model)
         return loaded

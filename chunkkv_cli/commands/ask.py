@@ -29,6 +29,7 @@ from chunkkv_cli.commands.options import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    PrefillBlockOpt,
     MaxNewTokensOpt,
     ParamOpt,
     method_name,
@@ -100,10 +101,11 @@ def ask(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
+    prefill_block: PrefillBlockOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Answer a question about a long document, with the KV cache compressed (ChunkKV by default)."""
-    spec = ModelSpec(model, device, dtype, trust_remote_code)
+    spec = ModelSpec(model, device, dtype, trust_remote_code, prefill_block)
     generation = Generation(max_new_tokens, temperature, top_p, decoder)
     asked = _questions(question, questions)
     if document.endswith(".ckv"):

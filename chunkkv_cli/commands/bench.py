@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chunkkv_cli.commands.options import BudgetOpt, ChunkSizeOpt, DeviceOpt, JsonOpt, OffloadOpt, ParamOpt, RatioOpt, WindowOpt
+from chunkkv_cli.commands.options import (
+    BudgetOpt, ChunkSizeOpt, DeviceOpt, JsonOpt, OffloadOpt, ParamOpt, PrefillBlockOpt, RatioOpt, WindowOpt,
+)  # fmt: skip
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.options import Compression, ModelSpec
 from chunkkv_cli.registry import REFERENCE
@@ -49,6 +51,7 @@ def bench(
     chunk_size: ChunkSizeOpt = None,
     params: ParamOpt = None,
     device: DeviceOpt = "auto",
+    prefill_block: PrefillBlockOpt = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32.", show_default="bf16 on GPU, fp32 on CPU")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Also write the JSON results to this file.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Draw latency and throughput vs reuse layers to this PNG.")] = None,
@@ -68,7 +71,7 @@ def bench(
     _check_outputs(out, plot)
     compression.compressor()  # the method's own checks, before loading anything
     default_decoders = "hf,fast" if torch_device.type == "cuda" and not offload else "hf"
-    spec = ModelSpec(model or defaults["model"], str(torch_device), dtype or "auto")
+    spec = ModelSpec(model or defaults["model"], str(torch_device), dtype or "auto", prefill_block=prefill_block)
     report = measure(spec, compression, plan, decoder or default_decoders, random_weights)
     if out:
         out.write_text(json.dumps(report, indent=2))
@@ -125,6 +128,7 @@ def measure(spec: ModelSpec, compression: Compression, plan: Plan, decoders: str
         err.print("[yellow]no GPU: timing on the CPU at small lengths; GPU figures need a CUDA device[/]")
     dtype = None if spec.dtype == "auto" else spec.dtype
     loaded = load_model(spec.model, spec.device, dtype, random_weights=random_weights, allow_random=True)
+    spec.configure(loaded.model)
     _check_lengths(plan.seqs, loaded.profile, random=loaded.tokenizer is None, console=err)
     cases = plan_cases(compression.method, plan.seqs, plan.reuse, plan.batches, _decoders(decoders, device))
     with err.status("") as status:

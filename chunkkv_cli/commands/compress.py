@@ -17,6 +17,7 @@ from chunkkv_cli.commands.options import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    PrefillBlockOpt,
     method_name,
     MethodOpt,
     ParamOpt,
@@ -65,12 +66,13 @@ def compress(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
+    prefill_block: PrefillBlockOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Prefill a document once and save its compressed KV cache, for `chunkkv ask DOC.ckv "question"`."""
     from chunkkv_cli.cache_io import make_meta, method_meta, model_identity, save
 
-    spec = ModelSpec(model, device, dtype, trust_remote_code)
+    spec = ModelSpec(model, device, dtype, trust_remote_code, prefill_block)
     compression = Compression(method_name(method, question_known=False), ratio, budget, window, chunk_size, reuse_layers,
                               params=tuple(params or ()))  # fmt: skip
     compressor = compression.compressor()

@@ -145,24 +145,23 @@ def eval_command(
     """Compare KV compression methods on a task over a grid of ratios (one prefill per sample feeds them all)."""
     from chunkkv_cli.eval.runner import Settings
 
-    task_name = task.value
+    task_name, names = task.value, parse_methods(methods, task.value)
     settings = Settings(
         task=task_name,
         model=model,
-        methods=parse_methods(methods, task_name),
+        methods=names,
         ratios=grid_values(ratios, budgets),
         window=_at_least(window, 1, "--window"),
         chunk_size=chunk_size if chunk_size is None else _at_least(chunk_size, 1, "--chunk-size"),
         reuse_layers=_at_least(reuse_layers, 1, "--reuse-layers"),
         max_new_tokens=_at_least(_or_default(max_new_tokens, task_name), 1, "--max-new-tokens"),
         question_agnostic=_agnostic_task(question_agnostic, task_name),
-        params=_method_params(params or [], parse_methods(methods, task_name)),
+        params=_method_params(params or [], names),
     )
-    limit = limit if limit is None else _at_least(limit, 1, "--limit")
     raw, settings.source = read_task_data(
-        task_name, data, haystack, needle_triple(needle, needle_question, needle_answer), limit, seed,
-        parse_lengths(lengths), depth_list(depths),
-    )
+        task_name, data, haystack, needle_triple(needle, needle_question, needle_answer),
+        limit if limit is None else _at_least(limit, 1, "--limit"), seed, parse_lengths(lengths), depth_list(depths),
+    )  # fmt: skip
     check_out(out, settings)
     err = Console(stderr=True)
     loaded = _load_quietly(model, device, err)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -51,6 +51,11 @@ def memory(
             help="GPUs the layers are split over (as `--device auto` does): weights and KV per GPU; --gpu-mem is each GPU's.",
         ),
     ] = 1,
+    prefill_block: Annotated[
+        Optional[int],
+        typer.Option("--prefill-block", help="Tokens per prefill block the activations are counted at.",
+                     show_default="8192, or the prompt if shorter"),
+    ] = None,
     measure: Annotated[
         bool, typer.Option("--measure", help="Also build the cache for real (random weights) and count its bytes.")
     ] = False,
@@ -63,7 +68,7 @@ def memory(
     if batch < 1:
         raise ChunkKVError(f"--batch must be a positive number of sequences, got {batch}")
     profile = load_profile(model)
-    report = memory_report(profile, seq, batch, ratio, budget, dtype.value, gpu_mem, gpus)
+    report = memory_report(profile, seq, batch, ratio, budget, dtype.value, gpu_mem, gpus, prefill_block)
     if measure:
         report["measured"] = measure_cache(profile, report)
     if json_out:
@@ -99,6 +104,8 @@ def print_report(report: dict, gpu_mem: str) -> None:
         (f"saved ({report['saved_fraction']:.1%})", report["saved_bytes"]),
         ("compressed, prefill peak", report["compressed_peak_bytes"]),
         (f"weights ({report['param_count'] / 1e9:.2f} B params)", report["weight_bytes"]),
+        (f"prefill activations (blocks of {report['prefill_block']:,})", report["activation_bytes"]),
+        ("prefill peak (weights + cache + activations)", report["prefill_peak_bytes"]),
     ]
     measured = report.get("measured")
     if measured:
@@ -125,6 +132,8 @@ def explanation(report: dict) -> list[str]:
     lines = [
         report["why_paper_differs"],
         "Compressed limits count the prefill peak: earlier layers already compressed, one layer at full length.",
+        f"Compressed prefill adds the activations of a prefill in blocks of {report['prefill_block']:,} tokens: "
+        "the hidden state, one block's MLP, the window's scores.",
     ]
     if report["sliding_layers"]:
         lines.append(
@@ -140,19 +149,20 @@ def explanation(report: dict) -> list[str]:
 
 def fits_table(report: dict, gpu_mem: str) -> Table:
     where = gpu_mem if report["gpus"] == 1 else f"{report['gpus']} x {gpu_mem}"
-    fits = Table(title=f"What fits in {where} (weights included, activations not)")
-    for column in ("limit", "full cache", "compressed"):
+    fits = Table(title=f"What fits in {where} (weights included; activations in the last column)")
+    for column in ("limit", "full cache", "compressed", "compressed prefill"):
         fits.add_column(column, justify="left" if column == "limit" else "right")
     fits.add_row(
         f"batch at {tokens_within_context(report['seq'], report['max_context'])} tokens",
         f"{report['max_batch_full']:,}",
         f"{report['max_batch_compressed']:,}",
+        f"{report['max_batch_prefill']:,}",
     )
     fits.add_row(
         f"prompt tokens at batch {report['batch']}",
-        tokens_within_context(report["max_seq_full"], report["max_context"]),
-        tokens_within_context(report["max_seq_compressed"], report["max_context"]),
-    )
+        *(tokens_within_context(report[key], report["max_context"])
+          for key in ("max_seq_full", "max_seq_compressed", "max_seq_prefill")),
+    )  # fmt: skip
     return fits
 
 
@@ -190,8 +200,13 @@ def fits_cell(n_bytes: int, fits: bool) -> str:
 def gpus_verdict(report: dict, gpu_mem: str) -> str:
     """'Fits on every GPU: full cache yes, compressed yes.' for `memory --gpus`."""
     word = {True: "yes", False: "no"}
+    longest = ", ".join(
+        f"GPU {share['gpu']} {tokens_within_context(share['max_seq_prefill'], report['max_context'])}"
+        for share in report["per_gpu"]
+    )
     return (
         f"Weights + KV on every GPU within {gpu_mem}: full cache {word[report['fits_full']]}, compressed "
         f"{word[report['fits_compressed']]} ('with compressed' counts the prefill peak). Layers in equal "
-        "contiguous blocks, embeddings on the first GPU, the final norm and lm_head on the last."
+        "contiguous blocks, embeddings on the first GPU, the final norm and lm_head on the last.\n"
+        f"Longest prompt whose compressed prefill fits, activations included: {longest} tokens."
     )

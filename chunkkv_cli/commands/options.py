@@ -72,6 +72,11 @@ ReuseOpt = Annotated[
 ]
 TruncateOpt = Annotated[bool, typer.Option(help="Cut the document to fit the context instead of failing.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
+PrefillBlockOpt = Annotated[
+    Optional[int],
+    typer.Option("--prefill-block", help="Tokens per block each layer's prefill runs over (less memory for long documents).",
+                 show_default="the largest that fits in free GPU memory, up to 8192; none on the CPU"),
+]
 TrustRemoteCodeOpt = Annotated[bool, typer.Option(help="Allow code shipped in a model folder to run.")]
 
 DecoderOpt = Annotated[
