@@ -47,7 +47,8 @@ def compressing_attention(module, query, key, value, attention_mask, **kwargs):
         if route is not None:
             route.sliding_layer(module.layer_idx, query, key, value)
         return output, None
-    if route is not None:
+    extras = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+    if route is not None and not (extras and route.plain_attention_only):
         output = route.attend(module.layer_idx, query, key, value, scaling)
         if output is not None:
             return output, None
@@ -154,10 +155,12 @@ class CompressionSession(Route):
             self.on_layer(layer_idx)
 
     def sliding_layer(self, layer_idx, query, key, value):
-        """A sliding layer's window (as the work cache now holds it) goes to every target uncompressed."""
-        if query.shape[2] != key.shape[2]:  # an append to a cache, not a fresh prompt
-            return
-        work, seen = self.work_cache.layers[layer_idx], key.shape[2]
+        if query.shape[2] == key.shape[2]:  # a fresh prompt, not an append to a cache
+            self.keep_window(layer_idx, key.shape[2])
+
+    def keep_window(self, layer_idx: int, seen: int) -> None:
+        """A sliding layer's window (as the work cache now holds it, after `seen` tokens) goes to every target uncompressed."""
+        work = self.work_cache.layers[layer_idx]
         self.prompt_len = seen
         self.full_bytes += work.keys.numel() * work.keys.element_size() + work.values.numel() * work.values.element_size()
         for target in self.targets:

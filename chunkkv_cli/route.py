@@ -13,6 +13,10 @@ def is_sliding(layer) -> bool:
 class Route:
     """Handed to the attention function of every layer for one forward. Subclasses override either hook."""
 
+    # True for a route whose `attend` is plain causal softmax attention: on layers with soft-capped logits or
+    # attention sinks (Gemma 2, GPT-OSS) the engine then computes the model's own and calls `after_attention`.
+    plain_attention_only = False
+
     def attend(self, layer_idx: int, query, key, value, scaling: float) -> torch.Tensor | None:
         """The attention output (batch, q_len, q_heads, d) computed here, or None for plain SDPA.
 

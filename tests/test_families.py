@@ -193,3 +193,16 @@ def test_a_window_longer_than_the_context_loads_as_full_attention(tmp_path):
     model.config.sliding_window = 64  # shorter than the context: a real window, kept
     model.save_pretrained(tmp_path)
     assert window_override(tmp_path) == {}
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text", "gpt_oss"])
+def test_a_prefill_in_blocks_equals_one_pass_on_hybrid_models(name, prompt):
+    """Blocks (issue 18's prefill) over sliding windows, soft-caps and sinks: the same tokens and caches, two targets."""
+    model, _ = tiny_family_model(name)
+    results = []
+    for block in (None, 7):
+        targets = [new_target(model, make_compressor(m, ratio=0.3, window=4)) for m in ("snapkv", "fullkv")]
+        pre = prefill(model, prompt, targets, block=block)
+        kept = [kept_lengths(t.cache) for t in targets]
+        results.append((decode(model, targets[0].cache, pre.logits, PROMPT_LEN, 4, decoder="hf"), kept))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
