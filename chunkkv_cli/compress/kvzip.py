@@ -53,7 +53,7 @@ class KVzip(Compressor):
         The first tokens, always kept.
     repeat_chunk : int, default 2048
         Document tokens per repeat piece (each piece attends to the whole document, or see `reach`).
-    reach : int, default 1024
+    reach : int, default 2048
         Document tokens on each side of its stretch that a repeat piece attends to, besides the sinks, so the
         pass's attention grows with the document rather than its square (README: its cost and quality).
         0: the whole document, as KVzip does. Needs normalize="local".
@@ -73,7 +73,7 @@ class KVzip(Compressor):
     normalize: str = "local"
     uniform_share: float = 0.0
     block: int = 512
-    reach: int = 1024
+    reach: int = 2048
 
     pass_request: ClassVar[str] = REPEAT_REQUEST
     name: ClassVar[str] = "kvzip"
