@@ -89,7 +89,7 @@ def cache_copy(model, prefix: CompressedPrefix) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     for layer_idx, (keys, values) in enumerate(zip(prefix.keys, prefix.values)):
         device = layer_device(model, layer_idx)
-        store_layer(cache, layer_idx, *[t.to(device, dtype, copy=True) for t in (keys, values)])
+        store_layer(cache, layer_idx, *[t.to(device, dtype, copy=True) for t in (keys, values)], seen=prefix.prefix_len)
     return cache
 
 

@@ -106,17 +106,22 @@ class KVzip(Compressor):
         return self.keep(scores)
 
     def keep(self, scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Per layer, the kept positions from (batch, kv_heads, doc_len) scores: sinks, best chunks, window."""
-        doc_len = scores[0].shape[-1]
-        n_kept = self.kept_tokens(doc_len)
+        """Per layer, the kept positions from (batch, kv_heads, doc_len) scores: sinks, best chunks, window.
+
+        A layer without scores (a sliding-window layer, which the repeat never scores) keeps its cache: None.
+        """
+        scored = [s for s in scores if s is not None]
+        doc_len = scored[0].shape[-1] if scored else 0
+        n_kept = self.kept_tokens(max(doc_len, 1))
         window, sinks = min(self.window, n_kept), min(self.sinks, max(0, n_kept - self.window))
         if n_kept >= doc_len or self.keeps_whole(doc_len):
             return [None] * len(scores)
-        pooled = [self._token_scores(s[..., : doc_len - window], sinks) for s in scores]
+        pooled = [self._token_scores(s[..., : doc_len - window], sinks) for s in scored]
         adaptive = self._layer_counts(pooled, n_kept - window)
         spread = self.uniform_share * (n_kept - window)
-        counts = [min(round(spread + (1 - self.uniform_share) * c), doc_len - window) for c in adaptive]
-        return [self._layer_indices(p, count, window, doc_len) for p, count in zip(pooled, counts)]
+        counts = iter([min(round(spread + (1 - self.uniform_share) * c), doc_len - window) for c in adaptive])
+        pooled_iter = iter(pooled)
+        return [None if s is None else self._layer_indices(next(pooled_iter), next(counts), window, doc_len) for s in scores]
 
     def _token_scores(self, scores: torch.Tensor, sinks: int) -> torch.Tensor:
         scores = scores.amax(dim=1) if self.heads == "shared" else scores
