@@ -9,7 +9,7 @@ QUESTION ?= What was the name of the schooner that struck the Harrow Rocks in Oc
 OLDEST_TRANSFORMERS ?= transformers==5.17.*
 OLDEST := $(VENV)-oldest
 
-.PHONY: setup demo test test-fast test-oldest clean
+.PHONY: setup demo test test-fast test-oldest test-wheel test-ray clean
 
 setup: $(VENV)/.installed
 
@@ -42,5 +42,34 @@ test-oldest: $(OLDEST)/.installed
 	$(OLDEST)/bin/python -c 'import transformers; print("transformers", transformers.__version__)'
 	$(OLDEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
+# The wheel as a user gets it: `pip install .` (not editable) into a fresh venv that sees .venv's torch and
+# transformers through a .pth file, then `chunkkv profiles` and `chunkkv ask` on a bundled sample, from another folder.
+WHEEL_VENV ?= $(VENV)-wheel
+WHEEL_Q ?= Who repaired the lens in 1911?
+
+test-wheel: $(VENV)/.installed
+	rm -rf $(WHEEL_VENV) build
+	python3 -m venv $(WHEEL_VENV)
+	$(PY) -c 'import site; print(site.getsitepackages()[0])' > "$$($(WHEEL_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/main-venv.pth"
+	$(WHEEL_VENV)/bin/python -m pip install -q .
+	rm -rf build
+	cd "$$(mktemp -d)" && \
+	  $(abspath $(WHEEL_VENV))/bin/python -c 'import chunkkv, chunkkv_cli; assert "$(WHEEL_VENV)" in chunkkv_cli.__file__, chunkkv_cli.__file__' && \
+	  $(abspath $(WHEEL_VENV))/bin/chunkkv profiles && \
+	  $(abspath $(WHEEL_VENV))/bin/chunkkv ask "$$($(abspath $(WHEEL_VENV))/bin/python -c 'import chunkkv; print(chunkkv.sample())')" \
+	    "$(WHEEL_Q)" --max-new-tokens 8
+
+# The ray extra in a venv layered on .venv like the others; the tests marked `ray` run there (they skip elsewhere).
+RAY_VENV ?= $(VENV)-ray
+
+$(RAY_VENV)/.installed: $(VENV)/.installed pyproject.toml
+	python3 -m venv $(RAY_VENV)
+	$(PY) -c 'import site; print(site.getsitepackages()[0])' > "$$($(RAY_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/main-venv.pth"
+	$(RAY_VENV)/bin/python -m pip install -q "$$($(PY) -c 'import tomllib; print(next(r for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["ray"]))')"
+	touch $@
+
+test-ray: $(RAY_VENV)/.installed
+	$(RAY_VENV)/bin/python -m pytest -q -m ray -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) $(OLDEST) *.egg-info
+	rm -rf $(VENV) $(OLDEST) $(WHEEL_VENV) $(RAY_VENV) *.egg-info

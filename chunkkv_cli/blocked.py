@@ -191,21 +191,30 @@ class BlockedSession(Route):
     last block alone is shorter).
     """
 
+    plain_attention_only = True
+
     def __init__(self, session, seq: int, tail: int):
         self.session, self.seq, self.tail = session, seq, tail
         self._queries: list[torch.Tensor] = []
 
     def attend(self, layer_idx, query, key, value, scaling):
+        output = prefix_attention(query, key, value, scaling)
+        self.after_attention(layer_idx, query, key, value, scaling)
+        return output
+
+    def after_attention(self, layer_idx, query, key, value, scaling):
         kv_len = key.shape[2]
         first_kept = max(0, self.seq - self.tail - (kv_len - query.shape[2]))
         if first_kept < query.shape[2]:
             self._queries.append(query[:, :, first_kept:])
-        output = prefix_attention(query, key, value, scaling)
         if kv_len == self.seq:
             queries = self._queries[0] if len(self._queries) == 1 else torch.cat(self._queries, dim=2)
             self._queries = []
             self.session.compress_layer(layer_idx, queries, key, value, scaling)
-        return output
+
+    def sliding_layer(self, layer_idx, query, key, value):
+        if key.shape[2] == self.seq:  # the layer's last block: the cache now holds its window
+            self.session.keep_window(layer_idx, self.seq)
 
 
 def blocked_route(session, targets, seq: int) -> BlockedSession:

@@ -51,8 +51,25 @@ class Group(_OneLineUsageErrors, TyperGroup):
             _usage_error(err)
 
 
+# Options whose value may be left out, and the value they then take (Typer cannot declare such an option).
+OPTIONAL_VALUES = {"--ray": "local"}
+
+
+def fill_optional_values(args: list[str]) -> list[str]:
+    """`--ray` followed by nothing or by another option becomes `--ray local`; `--` ends the options."""
+    filled = []
+    for i, arg in enumerate(args):
+        filled.append(arg)
+        if arg == "--":
+            return filled + args[i + 1:]
+        if arg in OPTIONAL_VALUES and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            filled.append(OPTIONAL_VALUES[arg])
+    return filled
+
+
 class Command(_OneLineUsageErrors, TyperCommand):
-    pass
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, fill_optional_values(list(args)))
 
 
 app = typer.Typer(
@@ -68,7 +85,7 @@ app = typer.Typer(
 
 
 def _fail(message: str, code: int) -> None:
-    _stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

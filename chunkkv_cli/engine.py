@@ -6,6 +6,11 @@ transformers passes down to attention unchanged). A route may answer the attenti
 decoder's static buffers, ClusterKV's selected clusters, a scoring pass) and may act after it (prefill
 compression). With no route the function is SDPA with a causal mask of its own. Nothing about a run is
 kept in module state, so two models, or two runs of one model, never see each other's routes.
+
+Sliding-window layers (Gemma 2 and 3, GPT-OSS, Mistral with a window) keep the window cache the model
+defines: routes never change them, they only hear of them through `Route.sliding_layer`. Layers with
+soft-capped logits or attention sinks, and sliding layers over more than their window, attend through
+`window_attention`.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from chunkkv_cli.compress.base import Compressor, gather_tokens
-from chunkkv_cli.errors import ChunkKVError
-from chunkkv_cli.route import Route
+from chunkkv_cli.route import Route, is_sliding
+from chunkkv_cli.window_attention import needs_own_attention, windowed_attention
 
-ATTENTION_NAME = "chunkkv_sdpa"
+# Not "..._sdpa": transformers would then refuse the families whose own SDPA path it disables (Gemma 2, GPT-OSS).
+ATTENTION_NAME = "chunkkv_attention"
 ROUTE_KWARG = "chunkkv_route"
 
 
@@ -34,20 +40,33 @@ def bottom_right_causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
 
 def compressing_attention(module, query, key, value, attention_mask, **kwargs):
     """SDPA with its own causal mask (layer lengths may differ after compression), steered by the forward's route."""
-    if kwargs.get("sliding_window"):
-        raise ChunkKVError("models with sliding-window attention layers are not supported yet")
     scaling = kwargs.get("scaling") or module.scaling
     route: Route | None = kwargs.pop(ROUTE_KWARG, None)
-    if route is not None:
+    if kwargs.get("sliding_window"):
+        output = model_attention(module, query, key, value, scaling, kwargs)
+        if route is not None:
+            route.sliding_layer(module.layer_idx, query, key, value)
+        return output, None
+    extras = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+    if route is not None and not (extras and route.plain_attention_only):
         output = route.attend(module.layer_idx, query, key, value, scaling)
         if output is not None:
             return output, None
-    q_len, kv_len = query.shape[2], key.shape[2]
-    mask = bottom_right_causal_mask(q_len, kv_len, query.device) if 1 < q_len < kv_len else None
-    output, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    output = model_attention(module, query, key, value, scaling, kwargs)
     if route is not None:
         route.after_attention(module.layer_idx, query, key, value, scaling)
     return output, None
+
+
+def model_attention(module, query, key, value, scaling: float, kwargs: dict) -> torch.Tensor:
+    """The layer's own attention over `key`/`value`, the queries being the last positions: (b, q_len, q_heads, d)."""
+    window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if needs_own_attention(window, softcap, sinks, q_len, kv_len):
+        return windowed_attention(query, key, value, scaling, window, softcap, sinks)
+    mask = bottom_right_causal_mask(q_len, kv_len, query.device) if 1 < q_len < kv_len else None
+    plain = {k: v for k, v in kwargs.items() if k not in ("sliding_window", "softcap", "s_aux")}
+    return sdpa_attention_forward(module, query, key, value, mask, **plain)[0]
 
 
 AttentionInterface.register(ATTENTION_NAME, compressing_attention)
@@ -95,9 +114,12 @@ class Target:
     record: bool = False
     _last: torch.Tensor | None = None
 
-    def indices_for(self, layer_idx, query, key, n_layers, scaling):
-        """Score at the first layer of each reuse group; later layers of the group reuse its indices."""
-        if layer_idx % self.reuse_layers and self._last is not None:
+    def indices_for(self, layer_idx, query, key, n_layers, scaling, ordinal=None):
+        """Score at the first layer of each reuse group; later layers of the group reuse its indices.
+
+        `ordinal`: the layer's place among the compressed layers (sliding ones do not count), else layer_idx.
+        """
+        if (layer_idx if ordinal is None else ordinal) % self.reuse_layers and self._last is not None:
             return self._last.to(key.device)
         self._last = self.compressor.select(query, key, layer_idx, n_layers, scaling)
         return self._last
@@ -113,6 +135,7 @@ class CompressionSession(Route):
         self.n_layers = n_layers
         self.prompt_len = 0
         self.full_bytes = 0
+        self._compressed = 0  # full-attention layers compressed so far
         self._timings: list = []
 
     def after_attention(self, layer_idx, query, key, value, scaling):
@@ -124,7 +147,7 @@ class CompressionSession(Route):
         self.full_bytes += key.numel() * key.element_size() + value.numel() * value.element_size()
         start = self._clock(key.device)
         for target in self.targets:
-            idx = target.indices_for(layer_idx, query, key, self.n_layers, scaling)
+            idx = target.indices_for(layer_idx, query, key, self.n_layers, scaling, self._compressed)
             keys, values = (key, value) if idx is None else (gather_tokens(key, idx), gather_tokens(value, idx))
             store_layer(target.cache, layer_idx, keys, values)
             if target.record:
@@ -132,6 +155,26 @@ class CompressionSession(Route):
         if all(t.cache is not self.work_cache for t in self.targets):
             drop_layer(self.work_cache, layer_idx)
         self._timings.append((start, self._clock(key.device)))
+        self._compressed += 1
+        if self.on_layer is not None:
+            self.on_layer(layer_idx)
+
+    def sliding_layer(self, layer_idx, query, key, value):
+        if query.shape[2] == key.shape[2]:  # a fresh prompt, not an append to a cache
+            self.keep_window(layer_idx, key.shape[2])
+
+    def keep_window(self, layer_idx: int, seen: int) -> None:
+        """A sliding layer's window (as the work cache now holds it, after `seen` tokens) goes to every target uncompressed."""
+        work = self.work_cache.layers[layer_idx]
+        self.prompt_len = seen
+        self.full_bytes += work.keys.numel() * work.keys.element_size() + work.values.numel() * work.values.element_size()
+        for target in self.targets:
+            if target.cache is not self.work_cache:
+                store_layer(target.cache, layer_idx, work.keys, work.values, seen=seen)
+            if target.record:
+                target.kept[layer_idx] = window_positions(work.keys, seen)
+        if all(t.cache is not self.work_cache for t in self.targets):
+            drop_layer(self.work_cache, layer_idx)
         if self.on_layer is not None:
             self.on_layer(layer_idx)
 
@@ -159,15 +202,26 @@ def full_range(key: torch.Tensor) -> torch.Tensor:
     return torch.arange(key.shape[2]).expand(key.shape[0], key.shape[2])
 
 
-def store_layer(cache: DynamicCache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Replace a cache layer's contents (a fresh layer is initialised through its own `update`)."""
+def window_positions(keys: torch.Tensor, seen: int) -> torch.Tensor:
+    """The original positions of a sliding layer's cached window: the last keys.shape[2] of `seen` tokens."""
+    return torch.arange(seen - keys.shape[2], seen).expand(keys.shape[0], keys.shape[2])
+
+
+def store_layer(cache: DynamicCache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, seen: int | None = None) -> None:
+    """Replace a cache layer's contents (a fresh layer is initialised through its own `update`).
+
+    A sliding layer counts the tokens it has seen, not those it holds: `seen` sets that count (its window's
+    end position), which later masks and positions follow.
+    """
     layer = cache.layers[layer_idx]
     if layer.keys is keys:
         return
     if not layer.is_initialized:
         layer.update(keys, values)
-        return
-    layer.keys, layer.values = keys, values
+    else:
+        layer.keys, layer.values = keys, values
+    if is_sliding(layer) and seen is not None:
+        layer.cumulative_length = seen
 
 
 def drop_layer(cache: DynamicCache, layer_idx: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -17,6 +19,7 @@ from chunkkv_cli.documents import pass_request_ids
 from chunkkv_cli.engine import CompressionSession, Target, forward, full_range, store_layer, use_compressing_attention
 from chunkkv_cli.options import DECODERS, PREFILL_BLOCK_ATTR
 from chunkkv_cli.packed import PackedCache, is_per_head
+from chunkkv_cli.route import is_sliding
 
 
 @dataclass
@@ -94,6 +97,8 @@ def apply_score_pass(model, target: Target, input_ids: torch.Tensor, repeat_prom
         return
     for layer_idx, idx in enumerate(keep):
         layer = target.cache.layers[layer_idx]
+        if idx is None and is_sliding(layer):  # the window the model keeps, recorded as such at prefill
+            continue
         keys, values = (layer.keys, layer.values) if idx is None else (gather_tokens(layer.keys, idx), gather_tokens(layer.values, idx))
         store_layer(target.cache, layer_idx, keys.contiguous(), values.contiguous())
         if target.record:
@@ -131,13 +136,30 @@ def resolve_decoder(decoder: str, device: torch.device, recall=None, cache=None)
     offloading, or when `cache`'s layers lie on several devices (one CUDA graph cannot span them)."""
     offloaded = recall is not None and recall.offloaded
     devices = set() if cache is None else {layer.keys.device for layer in cache.layers if layer.keys is not None}
+    sliding = cache is not None and any(is_sliding(layer) for layer in cache.layers)
     if decoder == "auto":
-        return "fast" if device.type == "cuda" and not offloaded and len(devices) <= 1 else "hf"
+        if sliding and device.type == "cuda" and not offloaded:
+            note_once(SLIDING_FALLBACK)
+        return "fast" if device.type == "cuda" and not offloaded and len(devices) <= 1 and not sliding else "hf"
+    if sliding and decoder != "hf":
+        raise ChunkKVError(f"--decoder {decoder}: {SLIDING_FALLBACK.split(': ', 1)[1]}: use --decoder hf or auto")
     if offloaded and decoder != "hf":
         raise ChunkKVError("--offload cpu copies selected tokens from host memory at every step: use --decoder hf")
     if len(devices) > 1 and decoder != "hf":
         raise ChunkKVError(f"--decoder {decoder} needs the whole cache on one GPU, and this model is split: use --decoder hf")
     return decoder
+
+
+SLIDING_FALLBACK = (
+    "decoding with the hf decoder: the fast decoder's static buffers grow every layer by one token a step, "
+    "and this model's sliding-window layers must drop their oldest token instead"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def note_once(message: str) -> None:
+    """One line on stderr, once per process (a batch of questions would otherwise repeat it)."""
+    logging.getLogger("chunkkv").warning("note: %s", message)
 
 
 def make_step(model, cache, start_pos: int, max_new_tokens: int, decoder: str = "hf", recall=None):

@@ -159,12 +159,17 @@ def shard(jobs: list[Job], world: int) -> list[list[Job]]:
 
     Depends only on `jobs` and `world`, so every rank computes the same split without talking to the others.
     """
-    groups: dict[str, list[Job]] = {}
-    for job in jobs:
-        groups.setdefault(document_key(job), []).append(job)
     loads, shards = [0] * world, [[] for _ in range(world)]
-    for group in sorted(groups.values(), key=lambda g: (-len(g), g[0].line)):
+    for group in document_groups(jobs):
         rank = min(range(world), key=lambda r: (loads[r], r))
         shards[rank].extend(group)
         loads[rank] += len(group)
     return [run_order(jobs_of_rank) for jobs_of_rank in shards]
+
+
+def document_groups(jobs: list[Job]) -> list[list[Job]]:
+    """Each document's jobs (in run order), largest group first (most jobs; ties by first line)."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(document_key(job), []).append(job)
+    return [run_order(group) for group in sorted(groups.values(), key=lambda g: (-len(g), g[0].line))]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.families import SLIDING
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 DEFAULT_RATIO = 0.1
@@ -129,7 +130,12 @@ def why_paper_differs(profile, dtype: str) -> str:
 
 @dataclass(frozen=True)
 class CacheShape:
-    """One model's KV cache at one dtype and compression: bytes as a function of batch, length and layers."""
+    """One model's KV cache at one dtype and compression: bytes as a function of batch, length and layers.
+
+    `sliding` names the layers that keep a sliding window of `window` tokens (Gemma 2 and 3, GPT-OSS, Mistral
+    with a window): the model caches their last window - 1 tokens, and chunkkv never compresses them. `layers`
+    arguments are a count (the first n layers) or a range of layer indices.
+    """
 
     layers: int
     kv_heads: int
@@ -137,18 +143,41 @@ class CacheShape:
     dtype_bytes: int
     ratio: float | None = None
     budget: int | None = None
+    window: int | None = None
+    sliding: frozenset = frozenset()
 
-    def full(self, batch: int, seq: int, n_layers: int | None = None) -> int:
-        n_layers = self.layers if n_layers is None else n_layers
-        return kv_bytes(batch, seq, n_layers, self.kv_heads, self.head_dim, self.dtype_bytes)
+    def _split(self, layers) -> tuple[int, int]:
+        """(full-attention layers, sliding layers) among `layers`."""
+        indices = range(self.layers if layers is None else layers) if not isinstance(layers, range) else layers
+        n_sliding = sum(1 for i in indices if i in self.sliding)
+        return len(indices) - n_sliding, n_sliding
+
+    def window_tokens(self, seq: int) -> int:
+        return min(seq, self.window - 1) if self.window else seq
+
+    def full(self, batch: int, seq: int, n_layers=None) -> int:
+        n_full, n_sliding = self._split(n_layers)
+        per_token = kv_bytes(batch, 1, 1, self.kv_heads, self.head_dim, self.dtype_bytes)
+        return per_token * (n_full * seq + n_sliding * self.window_tokens(seq))
 
     def kept(self, seq: int) -> int:
         return kept_tokens(seq, self.ratio, self.budget)
 
-    def peak(self, batch: int, seq: int, n_layers: int | None = None) -> int:
-        """The compressed prefill's peak: every layer but one compressed, the one being compressed at full length."""
-        n_layers = self.layers if n_layers is None else n_layers
-        return self.full(batch, self.kept(seq), n_layers - 1) + self.full(batch, seq, 1)
+    def compressed(self, batch: int, seq: int, n_layers=None) -> int:
+        """Full-attention layers at `kept(seq)` tokens, sliding ones at their window."""
+        n_full, n_sliding = self._split(n_layers)
+        per_token = kv_bytes(batch, 1, 1, self.kv_heads, self.head_dim, self.dtype_bytes)
+        return per_token * (n_full * self.kept(seq) + n_sliding * self.window_tokens(seq))
+
+    def peak(self, batch: int, seq: int, n_layers=None) -> int:
+        """The compressed prefill's peak: every layer but one at its compressed (or window) size, that one's whole prompt.
+
+        A sliding layer also sees the whole prompt while it attends, so the extra is a full layer's either way.
+        """
+        n_full, n_sliding = self._split(n_layers)
+        per_token = kv_bytes(batch, 1, 1, self.kv_heads, self.head_dim, self.dtype_bytes)
+        smallest = self.kept(seq) if n_full else self.window_tokens(seq)
+        return self.compressed(batch, seq, n_layers) + per_token * (seq - min(smallest, seq))
 
 
 def memory_report(
@@ -178,7 +207,7 @@ def memory_report(
     check_ratio_budget(ratio, budget)
     if ratio is None and budget is None:
         ratio = DEFAULT_RATIO
-    shape = CacheShape(profile.num_layers, profile.num_kv_heads, profile.head_dim, dtype_bytes(dtype), ratio, budget)
+    shape = cache_shape(profile, dtype, ratio, budget)
     gpu_bytes = parse_bytes(gpu_mem)
     blocks = layer_blocks(profile.num_layers, gpus)
     if prefill_block is not None and prefill_block < 1:
@@ -192,10 +221,17 @@ def memory_report(
     return {**report, **fits, **extra}
 
 
+def cache_shape(profile, dtype: str, ratio: float | None = None, budget: int | None = None) -> CacheShape:
+    """The profile's cache: its sliding-window layers (from `profile.layer_types()`) counted at their window."""
+    sliding = frozenset(i for i, kind in enumerate(profile.layer_types()) if kind == SLIDING)
+    return CacheShape(profile.num_layers, profile.num_kv_heads, profile.head_dim, dtype_bytes(dtype), ratio, budget,
+                      profile.sliding_window if sliding else None, sliding)  # fmt: skip
+
+
 def cache_report(profile, shape: CacheShape, seq: int, batch: int, dtype: str, gpu_bytes: int) -> dict:
     """The cache's size at `seq` tokens: the paper's formula, as stored, compressed, and the weights beside it."""
     gqa, n_kept = shape.full(batch, seq), shape.kept(seq)
-    compressed = shape.full(batch, n_kept)
+    compressed = shape.compressed(batch, seq)
     return {
         "model": profile.name, "hf_id": profile.hf_id, "seq": seq, "batch": batch,
         "ratio": None if shape.budget is not None else shape.ratio, "budget": shape.budget, "dtype": dtype,
@@ -206,7 +242,8 @@ def cache_report(profile, shape: CacheShape, seq: int, batch: int, dtype: str, g
         "kv_bytes_per_token": shape.full(1, 1), "kept_tokens": n_kept, "compressed_bytes": compressed,
         "saved_bytes": gqa - compressed, "saved_fraction": round(1 - compressed / gqa, 6),
         "compressed_peak_bytes": shape.peak(batch, seq), "param_count": profile.param_count(),
-        "weight_bytes": profile.weight_bytes(dtype),
+        "weight_bytes": profile.weight_bytes(dtype), "full_attention_layers": shape.layers - len(shape.sliding),
+        "sliding_layers": len(shape.sliding), "sliding_window": shape.window,
     }  # fmt: skip
 
 
@@ -220,19 +257,18 @@ def fit_report(
     """
     frees = [gpu_bytes - w for w in weights]
 
-    def limit(bytes_for: Callable[[int, int, int], int]) -> Callable[[int], int]:
+    def limit(bytes_for: Callable[[int, int, range], int]) -> Callable[[int], int]:
         """Bytes over the limit on the GPU that fills first, as a function of the prompt length."""
-        return lambda s: max(bytes_for(batch, s, len(b)) - free for b, free in zip(blocks, frees))
+        return lambda s: max(bytes_for(batch, s, b) - free for b, free in zip(blocks, frees))
 
-    def prefill(b: int, s: int, n_layers: int) -> int:
-        return shape.peak(b, s, n_layers) + activations(b, s)
+    def prefill(b: int, s: int, layers) -> int:
+        return shape.peak(b, s, layers) + activations(b, s)
 
-    n_kept = shape.kept(seq)
     per_gpu = [
-        gpu_share(index, block, w, gpu_bytes, shape.full(batch, seq, len(block)),
-                  shape.full(batch, n_kept, len(block)), shape.peak(batch, seq, len(block)))
-        | prefill_share(w, gpu_bytes, prefill(batch, seq, len(block)),
-                        max_seq(gpu_bytes - w, lambda s, n=len(block): prefill(batch, s, n)))
+        gpu_share(index, block, w, gpu_bytes, shape.full(batch, seq, block),
+                  shape.compressed(batch, seq, block), shape.peak(batch, seq, block))
+        | prefill_share(w, gpu_bytes, prefill(batch, seq, block),
+                        max_seq(gpu_bytes - w, lambda s, layers=block: prefill(batch, s, layers)))
         for index, (block, w) in enumerate(zip(blocks, weights))
     ]  # fmt: skip
     return {
@@ -240,12 +276,12 @@ def fit_report(
         "gpus": len(blocks),
         "fits_full": all(share["fits_full"] for share in per_gpu),
         "fits_compressed": all(share["fits_compressed"] for share in per_gpu),
-        "max_batch_full": min(max_batch(f, shape.full(1, seq, len(b))) for b, f in zip(blocks, frees)),
-        "max_batch_compressed": min(max_batch(f, shape.peak(1, seq, len(b))) for b, f in zip(blocks, frees)),
+        "max_batch_full": min(max_batch(f, shape.full(1, seq, b)) for b, f in zip(blocks, frees)),
+        "max_batch_compressed": min(max_batch(f, shape.peak(1, seq, b)) for b, f in zip(blocks, frees)),
         "max_seq_full": max_seq(0, limit(shape.full)),
         "max_seq_compressed": max_seq(0, limit(shape.peak)),
         "fits_prefill": all(share["fits_prefill"] for share in per_gpu),
-        "max_batch_prefill": min(max_batch(f, prefill(1, seq, len(b))) for b, f in zip(blocks, frees)),
+        "max_batch_prefill": min(max_batch(f, prefill(1, seq, b)) for b, f in zip(blocks, frees)),
         "max_seq_prefill": min(share["max_seq_prefill"] for share in per_gpu),
         "per_gpu": per_gpu,
     }

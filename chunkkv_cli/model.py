@@ -180,11 +180,29 @@ def _from_folder(folder: Path, device, dtype, trust_remote_code: bool, device_ma
             local_files_only=True,
             trust_remote_code=trust_remote_code,
             device_map=device_map,
+            **window_override(folder),
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ChunkKVError(f"cannot load the model in {folder}: {str(err).splitlines()[0]}") from err
     return (model if device_map == "auto" else model.to(device)).eval(), tokenizer
+
+
+def window_override(folder: Path) -> dict:
+    """Config overrides for loading: a sliding window at least as long as the context slides over nothing.
+
+    Phi-3.5 publishes a 262144-token window beside a 131072-token context; loaded as written, transformers
+    would make every layer a sliding one, which chunkkv never compresses. As full attention it is the same model.
+    """
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    window, context = config.get("sliding_window"), config.get("max_position_embeddings")
+    covers = isinstance(window, int) and isinstance(context, int) and window >= context
+    return {"sliding_window": None} if covers and not config.get("layer_types") else {}
 
 
 def build_random_model(profile: Profile, device, dtype, **overrides):

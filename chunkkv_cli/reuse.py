@@ -106,7 +106,7 @@ def cache_copy(model, prefix: CompressedPrefix) -> DynamicCache | PackedCache:
         return PackedCache([PackedLayer(k, v, lengths) for (k, v), lengths in zip(copies, prefix.head_lengths)])
     cache = DynamicCache(config=model.config)
     for layer_idx, (keys, values) in enumerate(copies):
-        store_layer(cache, layer_idx, keys, values)
+        store_layer(cache, layer_idx, keys, values, seen=prefix.prefix_len)
     return cache
 
 

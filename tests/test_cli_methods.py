@@ -25,6 +25,6 @@ def test_methods_lists_the_registry_and_the_readme_table_is_its_markdown():
 
 def test_one_method_prints_its_parameters_and_an_unknown_one_is_refused():
     result = CliRunner().invoke(app, ["methods", "kvzip"])
-    assert result.exit_code == 0 and "reach : int, default 0" in result.stdout and "own_pass" in result.stdout
+    assert result.exit_code == 0 and "reach : int, default" in result.stdout and "own_pass" in result.stdout
     bad = CliRunner().invoke(app, ["methods", "nope"])
     assert bad.exit_code != 0

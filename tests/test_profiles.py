@@ -10,6 +10,7 @@ import yaml
 from chunkkv_cli import profiles as profiles_module
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.profiles import (
+    OPTIONAL_FIELDS,
     PROFILE_FIELDS,
     Profile,
     embedded_gguf_path,
@@ -20,15 +21,37 @@ from chunkkv_cli.profiles import (
 
 SHIPPED = [
     "deepseek-r1-distill-llama-8b",
+    "gemma-2-9b",
+    "gemma-3-12b",
+    "gemma-3-27b",
+    "gemma-3-4b",
+    "gpt-oss-20b",
     "llama3-70b",
     "llama3-8b",
     "llama3.1-8b",
+    "llama3.2-3b",
     "mistral-7b",
+    "mistral-7b-v0.1",
+    "mixtral-8x7b",
+    "phi-3.5-mini",
     "qwen2.5-7b",
+    "qwen3-30b-a3b",
+    "qwen3-8b",
     "smollm2-135m",
 ]
-# published parameter counts
+# published parameter counts (Gemma 3: the text tower alone, without the 0.4B vision encoder)
 PARAMS = {
+    "gemma-2-9b": 9.24e9,
+    "gemma-3-4b": 3.88e9,
+    "gemma-3-12b": 11.77e9,
+    "gemma-3-27b": 27.01e9,
+    "gpt-oss-20b": 20.91e9,
+    "llama3.2-3b": 3.21e9,
+    "mistral-7b-v0.1": 7.24e9,
+    "mixtral-8x7b": 46.7e9,
+    "phi-3.5-mini": 3.82e9,
+    "qwen3-30b-a3b": 30.5e9,
+    "qwen3-8b": 8.19e9,
     "llama3-8b": 8.03e9,
     "llama3.1-8b": 8.03e9,
     "deepseek-r1-distill-llama-8b": 8.03e9,
@@ -98,12 +121,13 @@ def test_to_hf_config_round_trips_the_numbers(name):
     assert config.rms_norm_eps == p.rms_norm_eps
     assert config.tie_word_embeddings == p.tie_word_embeddings
     assert config.use_cache is True
-    assert config.rope_parameters["rope_theta"] == p.rope_theta
-    assert config.rope_parameters["rope_type"] == (p.rope_scaling or {}).get("rope_type", "default")
+    rope = config.rope_parameters.get("full_attention", config.rope_parameters)  # Gemma 3: one per layer type
+    assert rope["rope_theta"] == p.rope_theta
+    assert rope["rope_type"] == (p.rope_scaling or {}).get("rope_type", "default")
     if p.family == "llama":
         assert config.attention_bias == p.attention_bias
-    else:
-        assert config.sliding_window is None
+    assert config.sliding_window == p.sliding_window
+    assert list(getattr(config, "layer_types", None) or p.layer_types()) == p.layer_types()
 
 
 def test_to_hf_config_param_count_matches_a_real_model():
@@ -111,12 +135,16 @@ def test_to_hf_config_param_count_matches_a_real_model():
     import torch
     from transformers import AutoModelForCausalLM
 
-    for name in ("smollm2-135m", "qwen2.5-7b", "mistral-7b"):
+    from tests.families import FAMILY_PROFILES
+
+    for name in ("smollm2-135m", *FAMILY_PROFILES.values()):
         small = Profile(**{**asdict(load_profile(name)), "num_layers": 2, "hidden_size": 64,
                            "intermediate_size": 96, "vocab_size": 100, "head_dim": 16,
                            "num_attention_heads": 4, "num_kv_heads": 2})  # fmt: skip
+        config = small.to_hf_config()
+        config.pad_token_id = config.bos_token_id = config.eos_token_id = None  # published ids lie past 100 tokens
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(small.to_hf_config())
+            model = AutoModelForCausalLM.from_config(config)
         assert sum(t.numel() for t in model.parameters()) == small.param_count(), name
 
 
@@ -149,7 +177,10 @@ def test_profiles_dir_can_be_overridden(tmp_path, monkeypatch):
         ({"num_layers": 3.5}, "num_layers must be a positive integer"),
         ({"rope_theta": 0}, "rope_theta must be a positive number"),
         ({"num_kv_heads": 5}, "not divisible by num_kv_heads"),
-        ({"family": "gpt2"}, "family must be one of llama, mistral, qwen2"),
+        ({"family": "gpt2"}, "'gpt2' is not supported; chunkkv compresses decoder-only attention models: llama, mistral"),
+        ({"family": "mamba"}, "'mamba' is a state-space model, with no attention KV cache to compress"),
+        ({"sliding_window": 0}, "sliding_window must be null or a positive integer"),
+        ({"extra": [1]}, "extra must be a mapping"),
         ({"dtype": "int3"}, "dtype must be one of"),
         ({"attention_bias": "yes"}, "attention_bias must be true or false"),
         ({"rope_scaling": {"factor": 8}}, "rope_scaling must be null or a mapping with a rope_type"),
@@ -238,7 +269,7 @@ def test_hf_folder_without_config_or_with_unsupported_model(tmp_path):
     with pytest.raises(ChunkKVError, match="no readable config.json"):
         load_profile(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ChunkKVError, match="model_type 'gpt2' is not supported"):
+    with pytest.raises(ChunkKVError, match="model type 'gpt2' is not supported"):
         load_profile(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ChunkKVError, match="invalid JSON"):
@@ -286,6 +317,9 @@ def test_profile_fields_are_the_yaml_fields():
         "name", "hf_id", "family", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim",
         "hidden_size", "intermediate_size", "vocab_size", "max_context", "rope_theta", "rope_scaling",
         "rms_norm_eps", "attention_bias", "tie_word_embeddings", "dtype", "weights", "description",
+        "sliding_window", "full_every", "extra",
     )  # fmt: skip
+    required = set(PROFILE_FIELDS) - set(OPTIONAL_FIELDS)
     for name in SHIPPED:
-        assert set(yaml.safe_load((profiles_module.profiles_dir() / f"{name}.yaml").read_text())) == set(PROFILE_FIELDS)
+        written = set(yaml.safe_load((profiles_module.profiles_dir() / f"{name}.yaml").read_text()))
+        assert required <= written <= set(PROFILE_FIELDS)

@@ -12,15 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chunkkv_cli.commands.common import (
-    emit,
-    end_stream,
-    given,
-    mib,
-    progress_bar,
-    read_text,
-    warn_small_budget,
-)
+from chunkkv_cli.api import CompressedCache, Hooks, load
+from chunkkv_cli.commands.common import emit, end_stream, given, mib, progress_bar, progress_hooks, read_text
 from chunkkv_cli.commands.options import (
     DEFAULT_MODEL,
     BudgetOpt,
@@ -123,32 +116,22 @@ def ask(
 
 def _ask_text(text, question, spec, compression, generation, truncate, json_out) -> None:
     """One question about a text document: prefill the whole prompt (question-aware), stream the answer."""
-    from chunkkv_cli.documents import fit_to_context
-    from chunkkv_cli.pipeline import answer
-
     err = Console(stderr=True)
-    compressor = compression.compressor()
     with progress_bar(err, json_out) as progress:
         task = progress.add_task("loading model", total=None)
-        loaded = spec.load()
-        progress.update(task, description="tokenising")
-        limit = loaded.profile.max_context - generation.max_new_tokens
-        ids = fit_to_context(loaded.tokenizer, text, question, limit, truncate)
-        warn_small_budget(err, compressor, len(ids))
-        n_layers = loaded.model.config.num_hidden_layers
-        progress.update(task, description=f"prefill + {compressor.name}", total=n_layers, completed=0)
+        model = load(spec)
+        n_layers = model.loaded.model.config.num_hidden_layers
 
         def on_layer(layer_idx: int) -> None:
             progress.advance(task)
             if layer_idx == n_layers - 1:
                 progress.stop()  # the answer streams to stdout next
 
-        result = answer(
-            loaded.model, loaded.tokenizer, ids, compressor, reuse_layers=compression.reuse_layers,
-            on_text=None if json_out else emit, on_layer=on_layer, **generation.kwargs(),
-        )  # fmt: skip
+        hooks = progress_hooks(progress, task, on_text=None if json_out else emit)
+        hooks.on_layer = on_layer
+        result = model.ask(text, question, compression, generation, truncate, hooks)
     if json_out:
-        report = {"method": compressor.name, "model": loaded.profile.name, **result.record()}
+        report = {"method": compression.method, "model": model.name, **result.record()}
         typer.echo(json.dumps(report, indent=2))
         return
     end_stream()
@@ -201,62 +184,40 @@ def _narrowing(ctx, method, ratio, budget, window, chunk_size, params):
 
 def _ask_cache(path, asked, spec, model_given, generation, json_out, many, narrow=None):
     """Answer from a saved .ckv: the model is --model if given, else the one the cache was made with."""
-    from chunkkv_cli.cache_io import check_model, check_shapes, model_identity, read
-    from chunkkv_cli.documents import question_ids
-
-    meta, prefix = read(path)
+    cache = CompressedCache.load(path)
     if not model_given:
-        spec = replace(spec, model=(meta.get("model") or {}).get("spec") or DEFAULT_MODEL)
+        spec = replace(spec, model=(cache.meta.get("model") or {}).get("spec") or DEFAULT_MODEL)
     with progress_bar(Console(stderr=True), json_out) as progress:
         progress.add_task("loading model", total=None)
-        loaded = spec.load()
-    check_model(meta, model_identity(loaded, spec.model), path)
-    check_shapes(prefix, loaded.model.config, path)
-    suffixes = [question_ids(loaded.tokenizer, q) for q in asked]
-    _check_room(prefix.prefix_len, suffixes, generation.max_new_tokens, loaded.profile.max_context, path)
-    label = {"method": meta["method"]["name"], "model": loaded.profile.name, "cache": path}
+        model = load(spec)
+    label = {"method": cache.method, "model": model.name, "cache": path}
     if narrow is not None:
         label["narrowed_by"] = narrow.name
     if many:
-        return _answer_table(loaded, prefix, asked, suffixes, label, json_out, generation, narrow)
-    _answer_one_cached(loaded, prefix, suffixes[0], label, json_out, generation, narrow)
-
-
-def _check_room(prefix_len: int, suffixes: list, max_new_tokens: int, max_context: int, path: str) -> None:
-    longest = max(map(len, suffixes))
-    if prefix_len + longest + max_new_tokens > max_context:
-        raise ChunkKVError(
-            f"{path} holds {prefix_len} prompt tokens; with a {longest}-token question and --max-new-tokens "
-            f"{max_new_tokens} that exceeds the model's {max_context}-token context: ask a shorter question or "
-            "lower --max-new-tokens"
-        )
+        return _answer_table(model, cache, asked, label, json_out, generation, narrow)
+    _answer_one_cached(model, cache, asked[0], label, json_out, generation, narrow)
 
 
 def _ask_many(text, asked, spec, compression, generation, truncate, json_out):
     """Compress the document once without the questions, then answer each from its own copy."""
-    from chunkkv_cli.commands.common import compress_text
     from chunkkv_cli.documents import question_ids
 
     with progress_bar(Console(stderr=True), json_out) as progress:
         task = progress.add_task("loading model", total=None)
-        loaded = spec.load()
-        suffixes = [question_ids(loaded.tokenizer, q) for q in asked]
-        limit = loaded.profile.max_context - generation.max_new_tokens - max(map(len, suffixes))
-        prefix = compress_text(loaded, text, compression, limit, truncate, progress, task)
-    label = {"method": compression.method, "model": loaded.profile.name}
-    _answer_table(loaded, prefix, asked, suffixes, label, json_out, generation)
+        model = load(spec)
+        room = generation.max_new_tokens + max(len(question_ids(model.loaded.tokenizer, q)) for q in asked)
+        cache = model.compress(text, compression, truncate, room, progress_hooks(progress, task))
+    label = {"method": compression.method, "model": model.name}
+    _answer_table(model, cache, asked, label, json_out, generation)
 
 
-def _answer_table(loaded, prefix, asked, suffixes, label, json_out, generation, narrow=None) -> None:
+def _answer_table(model, cache, asked, label, json_out, generation, narrow=None) -> None:
     """One row per question (JSONL lines as they finish with --json, else a table at the end)."""
-    from chunkkv_cli.reuse import answer_question
-
     rows = []
     with progress_bar(Console(stderr=True), json_out) as progress:
         task = progress.add_task("answering", total=len(asked))
-        for question, ids in zip(asked, suffixes):
-            start = time.perf_counter()
-            result = answer_question(loaded.model, loaded.tokenizer, prefix, ids, **generation.kwargs(), narrow=narrow)
+        start = time.perf_counter()
+        for question, result in zip(asked, model.answers(cache, asked, generation, narrow=narrow)):
             row = {"question": question, "answer": result.text, "seconds": round(time.perf_counter() - start, 3),
                    "new_tokens": result.new_tokens, "prompt_tokens": result.prompt_tokens,
                    "kept_tokens": result.kept_tokens, **label}  # fmt: skip
@@ -264,6 +225,7 @@ def _answer_table(loaded, prefix, asked, suffixes, label, json_out, generation, 
                 typer.echo(json.dumps(row))
             rows.append(row)
             progress.advance(task)
+            start = time.perf_counter()
     if not json_out:
         Console().print(_table(rows, label))
 
@@ -280,12 +242,9 @@ def _table(rows: list[dict], label: dict) -> Table:
     return table
 
 
-def _answer_one_cached(loaded, prefix, ids, label, json_out, generation, narrow=None) -> None:
-    from chunkkv_cli.reuse import answer_question
-
-    on_text = None if json_out else emit
-    result = answer_question(loaded.model, loaded.tokenizer, prefix, ids, on_text=on_text, **generation.kwargs(),
-                             narrow=narrow)  # fmt: skip
+def _answer_one_cached(model, cache, question, label, json_out, generation, narrow=None) -> None:
+    hooks = Hooks(on_text=None if json_out else emit)
+    result = next(model.answers(cache, [question], generation, hooks, narrow))
     if json_out:
         typer.echo(json.dumps({**label, **result.record()}, indent=2))
         return

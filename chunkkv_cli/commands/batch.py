@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -34,6 +34,18 @@ from chunkkv_cli.commands.options import (
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.options import Compression, Generation, ModelSpec
 
+RayOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ray",
+        metavar="[ADDRESS]",
+        help="Run on Ray Data (the ray extra: pip install 'chunkkv\\[ray]'): alone, a Ray instance on this machine; "
+        "with ADDRESS (HOST:PORT from `ray start --head`, ray://HOST:PORT or auto), that cluster. One actor and "
+        "model per GPU (CPU actors without GPUs); documents must be readable at the same path on every node.",
+        show_default=False,
+    ),
+]
+
 EXAMPLES = """[b]Examples[/b]
 
   chunkkv batch jobs.jsonl -o answers.jsonl --ratio 0.2
@@ -41,6 +53,10 @@ EXAMPLES = """[b]Examples[/b]
   chunkkv batch jobs.jsonl -o answers.jsonl --question-aware --json
 
   torchrun --nproc-per-node 8 --no-python chunkkv batch jobs.jsonl -o answers.jsonl
+
+  chunkkv batch jobs.jsonl -o answers.jsonl --ray                  # Ray Data on this machine
+
+  chunkkv batch jobs.jsonl -o answers.jsonl --ray 10.0.0.1:6379    # a cluster started with `ray start --head`
 
 [b]Jobs file[/b]: JSONL, one job per line, e.g.
 
@@ -81,6 +97,7 @@ def batch(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
+    ray: RayOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Answer a JSONL file of (document, question) jobs: each document compressed once, resumable, data-parallel."""
@@ -91,7 +108,8 @@ def batch(
     settings = Settings.of(spec, compression, Generation(max_new_tokens, temperature, top_p, decoder), truncate,
                            question_aware)  # fmt: skip
     require_reusable(compression.compressor(), "batch")
-    summary = run(jobs, output, spec, settings, Rank.from_env())
+    rank = Rank.from_env()
+    summary = run(jobs, output, spec, settings, rank) if ray is None else run_on_ray(jobs, output, spec, settings, ray, rank)
     if summary is None:
         return  # ranks other than 0: rank 0 merges and reports
     typer.echo(json.dumps(summary, indent=2) if json_out else summary_line(summary))
@@ -113,6 +131,26 @@ def run(jobs: Path, output: Path, spec: ModelSpec, settings, rank) -> dict | Non
     with _progress(Console(stderr=True), rank.rank != 0) as progress:
         reporter = Reporter(progress, rank.rank if rank.world > 1 else None)
         return run_batch(job_list, output, runner, settings, rank, reporter.start, reporter.done)
+
+
+def run_on_ray(jobs: Path, output: Path, spec: ModelSpec, settings, address: str, rank) -> dict:
+    """The same jobs, records and resume on a Ray cluster: one actor (and model) per GPU, documents spread over them."""
+    from chunkkv_cli.jobs import read_jobs
+    from chunkkv_cli.profiles import load_profile
+    from chunkkv_cli.ray_batch import ModelRunners, require_ray, run_ray_batch
+
+    if rank.world > 1:
+        raise ChunkKVError("--ray spreads the jobs over a Ray cluster itself: run it once, not under torchrun")
+    require_ray()
+    load_profile(spec.model)
+    check_output(jobs, output)
+    if Path(address).is_file():
+        raise ChunkKVError(f"--ray takes a cluster address, not the file {address}: put --ray after the jobs file")
+    job_list = read_jobs(jobs)
+    with _progress(Console(stderr=True), False) as progress:
+        reporter = Reporter(progress, None)
+        return run_ray_batch(job_list, output, ModelRunners(spec, settings), settings, address, reporter.start,
+                             reporter.done)  # fmt: skip
 
 
 def check_output(jobs: Path, output: Path) -> None:
@@ -161,6 +199,8 @@ def _progress(console: Console, quiet: bool) -> Progress:
 
 def summary_line(s: dict) -> str:
     ranks = f" over {s['ranks']} ranks" if s["ranks"] > 1 else ""
+    if s.get("ray_actors"):
+        ranks = f" on {s['ray_actors']} Ray actor{'s' if s['ray_actors'] > 1 else ''}"
     missing = f", {s['missing']} without a record" if s["missing"] else ""
     return (
         f"{s['output']}: {s['jobs']} jobs · {s['answered']} answered, {s['failed']} failed, {s['skipped']} skipped "

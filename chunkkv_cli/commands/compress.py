@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from chunkkv_cli.commands.common import compress_text, mib, progress_bar, read_text
+from chunkkv_cli.api import QUESTION_ROOM, load
+from chunkkv_cli.commands.common import mib, progress_bar, progress_hooks, read_text
 from chunkkv_cli.commands.options import (
     DEFAULT_MODEL,
     BudgetOpt,
@@ -44,10 +45,6 @@ The question is not known here, so the observation window that scores the tokens
 (its last --window prompt tokens: the end of the text, </document> and 'Question:').
 """
 
-# Tokens of the context left for a question and its answer after the document.
-QUESTION_ROOM = 256
-
-
 def compress(
     document: Annotated[str, typer.Argument(help="Text or markdown file, or - for standard input.")],
     output: Annotated[
@@ -70,25 +67,20 @@ def compress(
     json_out: JsonOpt = False,
 ) -> None:
     """Prefill a document once and save its compressed KV cache, for `chunkkv ask DOC.ckv "question"`."""
-    from chunkkv_cli.cache_io import make_meta, method_meta, model_identity, save
-
     spec = ModelSpec(model, device, dtype, trust_remote_code, prefill_block)
     compression = Compression(method_name(method, question_known=False), ratio, budget, window, chunk_size, reuse_layers,
                               params=tuple(params or ()))  # fmt: skip
-    compressor = compression.compressor()
-    require_reusable(compressor, "compress")
+    require_reusable(compression.compressor(), "compress")
     out = output_path(document, output)
     text = read_text(document)
     with progress_bar(Console(stderr=True), json_out) as progress:
         task = progress.add_task("loading model", total=None)
-        loaded = spec.load()
-        limit = loaded.profile.max_context - QUESTION_ROOM
-        prefix = compress_text(loaded, text, compression, limit, truncate, progress, task)
+        llm = load(spec)
+        hooks = progress_hooks(progress, task)
+        cache = llm.compress(text, compression, truncate, QUESTION_ROOM, hooks, source_name(document))
         progress.update(task, description=f"writing {out.name}", total=None)
-        identity = model_identity(loaded, model)
-        meta = make_meta(identity, method_meta(compressor, reuse_layers), text, prefix, source_name(document))
-        size = save(out, prefix, meta)
-    report = _report(out, loaded.profile.name, meta, prefix, size)
+        size = cache.save(out)
+    report = _report(out, llm.name, cache.meta, cache.prefix, size)
     if json_out:
         typer.echo(json.dumps(report, indent=2))
     else:

@@ -135,6 +135,12 @@ def explanation(report: dict) -> list[str]:
         f"Compressed prefill adds the activations of a prefill in blocks of {report['prefill_block']:,} tokens: "
         "the hidden state, one block's MLP, the window's scores.",
     ]
+    if report["sliding_layers"]:
+        lines.append(
+            f"{report['sliding_layers']} of {report['num_layers']} layers slide over {report['sliding_window']:,} tokens: "
+            "they cache their window (as the model defines it) and are not compressed; the ratio applies to the "
+            f"{report['full_attention_layers']} full-attention layers."
+        )
     context = report["max_context"]
     if max(report["seq"], report["max_seq_full"], report["max_seq_compressed"]) > context:
         lines.append(f"* beyond {report['model']}'s {context:,}-token context.")

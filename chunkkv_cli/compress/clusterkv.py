@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from chunkkv_cli import cluster_kernels
 from chunkkv_cli.compress.base import Capabilities, Compressor, gather_tokens, grouped_decode_attention, group_queries
 from chunkkv_cli.errors import ChunkKVError
-from chunkkv_cli.route import Route
+from chunkkv_cli.route import Route, is_sliding
 
 
 @dataclass
@@ -236,7 +236,8 @@ class ClusterState(Route):
         start = time.perf_counter()
         n_layers = len(cache.layers)
         layers: list[LayerClusters | None] = [None] * n_layers
-        todo = list(range(compressor.full_layers, n_layers))
+        # Sliding-window layers keep the model's window and are attended in full, as the first `full_layers` are.
+        todo = [i for i in range(compressor.full_layers, n_layers) if not is_sliding(cache.layers[i])]
         batch = cache.layers[0].keys.shape[0] if cache.layers else 1
         group = max(1, max_stacked // batch)
         for first in range(0, len(todo), group):
@@ -244,7 +245,8 @@ class ClusterState(Route):
                 layers[layer_idx] = state
         if cache.layers and cache.layers[-1].keys is not None and cache.layers[-1].keys.device.type == "cuda":
             torch.cuda.synchronize(cache.layers[-1].keys.device)
-        prompt_len = cache.layers[0].keys.shape[2] if cache.layers else 0
+        full = [layer for layer in cache.layers if not is_sliding(layer)]
+        prompt_len = full[0].keys.shape[2] if full else 0
         state = cls(compressor, layers, prompt_len, time.perf_counter() - start)
         if compressor.offload:
             state.offload(cache)

@@ -111,20 +111,26 @@ class KVzip(Compressor):
     def keep(self, scores: list[torch.Tensor]) -> list[torch.Tensor | HeadKept | None]:
         """Per layer, the kept positions from (batch, kv_heads, doc_len) scores: sinks, best chunks, window.
 
+        A layer without scores (a sliding-window layer, which the repeat never scores) keeps its cache: None.
         With budget_shape "heads" (batch 1) each layer's entry is a `HeadKept`: every KV head its own count.
         """
-        doc_len = scores[0].shape[-1]
-        n_kept = self.kept_tokens(doc_len)
+        scored = [s for s in scores if s is not None]
+        doc_len = scored[0].shape[-1] if scored else 0
+        n_kept = self.kept_tokens(max(doc_len, 1))
         window, sinks = min(self.window, n_kept), min(self.sinks, max(0, n_kept - self.window))
         if n_kept >= doc_len or self.keeps_whole(doc_len):
             return [None] * len(scores)
-        pooled = [self._token_scores(s[..., : doc_len - window], sinks) for s in scores]
-        if self.budget_shape == "heads" and scores[0].shape[0] == 1:
+        pooled = [self._token_scores(s[..., : doc_len - window], sinks) for s in scored]
+        if self.budget_shape == "heads" and scored[0].shape[0] == 1:
+            if len(scored) < len(scores):
+                raise ChunkKVError("kvzip: budget_shape=heads needs every layer scored, and this model has "
+                                   "sliding-window layers: use budget_shape=adaptive")  # fmt: skip
             return self._head_kept(pooled, n_kept - window, window, doc_len)
         adaptive = self._layer_counts(pooled, n_kept - window)
         spread = self.uniform_share * (n_kept - window)
-        counts = [min(round(spread + (1 - self.uniform_share) * c), doc_len - window) for c in adaptive]
-        return [self._layer_indices(p, count, window, doc_len) for p, count in zip(pooled, counts)]
+        counts = iter([min(round(spread + (1 - self.uniform_share) * c), doc_len - window) for c in adaptive])
+        pooled_iter = iter(pooled)
+        return [None if s is None else self._layer_indices(next(pooled_iter), next(counts), window, doc_len) for s in scores]
 
     def _token_scores(self, scores: torch.Tensor, sinks: int) -> torch.Tensor:
         shared = self.heads == "shared" and self.budget_shape != "heads"
