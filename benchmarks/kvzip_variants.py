@@ -7,6 +7,8 @@ A variant may narrow the stored cache per question with chunkkv (`ask DOC.ckv --
 
     .venv/bin/python benchmarks/kvzip_variants.py --out benchmarks/results/kvzip_variants_lighthouse.json \
         '{"ratio": 0.2}' '{"ratio": 0.3}' '{"ratio": 0.2, "chunk_size": 10}' '{"ratio": 0.3, "narrow": 0.1}' ...
+
+`budget_shape: heads` keeps each KV head its own length (a packed prefix, as `compress` stores it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from chunkkv_cli.documents import pass_request_ids, prefix_ids, question_ids
 from chunkkv_cli.eval.scoring import substring_match, token_f1
 from chunkkv_cli.generate import new_target, prefill
 from chunkkv_cli.model import load_model
+from chunkkv_cli.packed import is_per_head, pack
 from chunkkv_cli.reuse import CompressedPrefix, answer_question
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -49,14 +52,21 @@ def scored(model, tok, ids, params: dict, memo: dict):
     return memo[key]
 
 
+def kept_prefix(layers, keep, prefix_len: int) -> CompressedPrefix:
+    """The kept tokens as a prefix, read out of the shared full cache (left whole for the next variant)."""
+    if is_per_head(keep):
+        return CompressedPrefix([pack(l.keys, k) for l, k in zip(layers, keep)], [pack(l.values, k) for l, k in zip(layers, keep)],
+                                [k.positions for k in keep], prefix_len, head_lengths=[k.lengths for k in keep])  # fmt: skip
+    return CompressedPrefix([gather_tokens(l.keys, i) for l, i in zip(layers, keep)],
+                            [gather_tokens(l.values, i) for l, i in zip(layers, keep)], keep, prefix_len)  # fmt: skip
+
+
 def run_variant(model, tok, ids, qa, params: dict, memo: dict) -> dict:
     params = dict(params)
     narrow_ratio = params.pop("narrow", None)
     cache, scores, timing = scored(model, tok, ids, params, memo)
     keep = make_compressor("kvzip", **params).keep(scores)
-    layers = cache.layers
-    prefix = CompressedPrefix([gather_tokens(l.keys, i) for l, i in zip(layers, keep)],
-                              [gather_tokens(l.values, i) for l, i in zip(layers, keep)], keep, ids.shape[1])  # fmt: skip
+    prefix = kept_prefix(cache.layers, keep, ids.shape[1])
     narrow = None if narrow_ratio is None else make_compressor("chunkkv", ratio=narrow_ratio)
     answers = [answer_question(model, tok, prefix, question_ids(tok, q["question"]), 32, narrow=narrow).text for q in qa]
     hits = [substring_match(a, q["answers"]) for a, q in zip(answers, qa)]

@@ -1,7 +1,10 @@
 """`.ckv` files: a compressed prefix cache in one safetensors file, with JSON metadata; never pickle.
 
 Tensors: ``layer.{i}.keys`` and ``layer.{i}.values`` (1, kv_heads, n_kept, head_dim) and ``layer.{i}.positions``
-(the kept tokens' original positions, (1, n_kept) or (1, kv_heads, n_kept)). The safetensors header's
+(the kept tokens' original positions, (1, n_kept) or (1, kv_heads, n_kept)). Since format version 2, a cache
+whose KV heads keep lengths of their own (kvzip budget_shape=heads) stores each layer packed: keys and values
+(total, head_dim), heads one after another, positions (total,), and ``layer.{i}.head_lengths`` (kv_heads,);
+version 1 files (no packed layers) still load. The safetensors header's
 ``chunkkv`` entry holds the metadata JSON: format version, the model's identity (profile name, sha256 of its
 config, of a sample of its weights and of its tokenizer), method and parameters, the document's sha256,
 the prefix length, creation time, chunkkv version, and a sha256 over the metadata and every tensor's bytes
@@ -27,7 +30,8 @@ from chunkkv_cli.outputs import TEMP_SUFFIX, temp_prefix
 from chunkkv_cli.reuse import CompressedPrefix
 
 FORMAT = "chunkkv-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 added per-head packed layers; a version 1 file is a version 2 file without them
 SUFFIX = ".ckv"
 META_KEY = "chunkkv"
 # Config keys that change with the loading path, dtype or library version, not with the model.
@@ -124,6 +128,8 @@ def _tensors(prefix: CompressedPrefix) -> dict[str, torch.Tensor]:
         tensors[f"layer.{i}.keys"] = k.detach().to("cpu").contiguous()
         tensors[f"layer.{i}.values"] = v.detach().to("cpu").contiguous()
         tensors[f"layer.{i}.positions"] = p.detach().to("cpu", torch.int64).contiguous()
+        if prefix.head_lengths is not None:
+            tensors[f"layer.{i}.head_lengths"] = torch.tensor(prefix.head_lengths[i], dtype=torch.int64)
     return tensors
 
 
@@ -220,24 +226,29 @@ def _check_format(meta: dict, path: Path) -> None:
     if meta.get("format") != FORMAT:
         raise ChunkKVError(f"{path} is corrupt or not a chunkkv cache (format {meta.get('format')!r})")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         newer = isinstance(version, int) and version > FORMAT_VERSION
         hint = "upgrade chunkkv" if newer else "compress the document again"
         raise ChunkKVError(
-            f"{path} has cache format version {version!r}; chunkkv {__version__} reads version {FORMAT_VERSION}: {hint}"
+            f"{path} has cache format version {version!r}; chunkkv {__version__} reads versions "
+            f"{READABLE_VERSIONS[0]} to {READABLE_VERSIONS[-1]}: {hint}"
         )
 
 
 def _prefix(meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> CompressedPrefix:
+    packed = "layer.0.head_lengths" in tensors
     try:
         n_layers, prefix_len = int(meta["layers"]), int(meta["prefix_tokens"])
-        layers = [_layer(tensors, i, prefix_len) for i in range(n_layers)]
+        read_layer = _packed_layer if packed else _layer
+        layers = [read_layer(tensors, i, prefix_len) for i in range(n_layers)]
     except (KeyError, TypeError, ValueError) as err:
         raise ChunkKVError(f"{path} is corrupt: {err.args[0] if err.args else err}") from None
-    if n_layers < 1 or len(tensors) != 3 * n_layers:
+    if n_layers < 1 or len(tensors) != (4 if packed else 3) * n_layers:
         raise ChunkKVError(f"{path} is corrupt: {len(tensors)} tensors for {n_layers} layers")
-    keys, values, positions = (list(column) for column in zip(*layers))
-    return CompressedPrefix(keys, values, positions, prefix_len, full_bytes=int(meta.get("full_kv_bytes", 0)))
+    keys, values, positions = (list(column) for column in zip(*(layer[:3] for layer in layers)))
+    head_lengths = [layer[3] for layer in layers] if packed else None
+    full_bytes = int(meta.get("full_kv_bytes", 0))
+    return CompressedPrefix(keys, values, positions, prefix_len, full_bytes=full_bytes, head_lengths=head_lengths)
 
 
 def _layer(tensors: dict, i: int, prefix_len: int) -> tuple:
@@ -258,6 +269,24 @@ def _layer(tensors: dict, i: int, prefix_len: int) -> tuple:
     return keys, values, positions
 
 
+def _packed_layer(tensors: dict, i: int, prefix_len: int) -> tuple:
+    """A layer stored per head: keys/values (total, d), positions (total,), head_lengths (kv_heads,)."""
+    names = [f"layer.{i}.{part}" for part in ("keys", "values", "positions", "head_lengths")]
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise KeyError(f"tensor {missing[0]} is missing")
+    keys, values, positions, lengths = (tensors[name] for name in names)
+    if keys.dim() != 2 or values.shape != keys.shape or not keys.is_floating_point() or values.dtype != keys.dtype:
+        raise ValueError(f"layer {i} holds keys {tuple(keys.shape)} and values {tuple(values.shape)}")
+    if lengths.dim() != 1 or lengths.dtype != torch.int64 or lengths.min() < 1 or int(lengths.sum()) != keys.shape[0]:
+        raise ValueError(f"layer {i} head lengths {lengths.tolist()} do not add up to its {keys.shape[0]} kept tokens")
+    if positions.shape != (keys.shape[0],) or positions.dtype != torch.int64:
+        raise ValueError(f"layer {i} positions {tuple(positions.shape)} do not match its {keys.shape[0]} kept tokens")
+    if positions.min() < 0 or positions.max() >= prefix_len or lengths.max() > prefix_len:
+        raise ValueError(f"layer {i} positions fall outside the {prefix_len}-token prefix")
+    return keys, values, positions, lengths.tolist()
+
+
 def check_model(meta: dict, identity: dict, path: str | Path) -> None:
     """Refuse a cache made with another model or tokenizer, naming both."""
     theirs = meta.get("model") or {}
@@ -275,8 +304,9 @@ def check_shapes(prefix: CompressedPrefix, config, path: str | Path) -> None:
     """Layers, KV heads and head size must be the model's."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     expected = (config.num_hidden_layers, config.num_key_value_heads, head_dim)
-    for keys in prefix.keys:
-        found = (len(prefix.keys), keys.shape[1], keys.shape[3])
+    for i, keys in enumerate(prefix.keys):
+        heads = keys.shape[1] if prefix.head_lengths is None else len(prefix.head_lengths[i])
+        found = (len(prefix.keys), heads, keys.shape[-1])
         if found != expected:
             raise ChunkKVError(
                 f"{path} holds {found[0]} layers x {found[1]} KV heads x {found[2]} dims, but the model has "

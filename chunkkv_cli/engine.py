@@ -91,7 +91,12 @@ def cache_argument(model) -> str:
 
 
 def forward(model, input_ids, cache, positions, route: Route | None = None, last_only: bool = False):
-    """One model forward through the compressing attention: `route` steers it; returns the model output."""
+    """One model forward through the compressing attention: `route` steers it; returns the model output.
+
+    A cache that is itself a route (per-head packed lengths) steers the forwards run on it.
+    """
+    if route is None and isinstance(cache, Route):
+        route = cache
     kwargs = {cache_argument(model): cache, ROUTE_KWARG: route} if route is not None else {cache_argument(model): cache}
     if last_only:
         kwargs["logits_to_keep"] = 1

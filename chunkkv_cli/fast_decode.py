@@ -81,6 +81,12 @@ class StaticKV(Route):
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
+def static_buffers(cache, new_tokens: int, recall=None):
+    """The decoder's fixed-address cache: a cache with a static form of its own (per-head packed lengths) gives it."""
+    to_static = getattr(cache, "to_static", None)
+    return to_static(new_tokens) if to_static is not None else StaticKV(cache, new_tokens, recall)
+
+
 _compiled = weakref.WeakKeyDictionary()
 
 
@@ -107,7 +113,7 @@ class FastDecoder:
         self, model, cache, start_pos: int, new_tokens: int, use_graph: bool | None = None, compile=False, recall=None
     ):
         self.model = compiled_forward(model) if compile else model
-        self.static = StaticKV(cache, new_tokens, recall)
+        self.static = static_buffers(cache, new_tokens, recall)
         device = self.static.write_pos.device
         batch = self.static.filled.shape[1]
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)

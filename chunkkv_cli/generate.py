@@ -18,6 +18,7 @@ from chunkkv_cli.compress.base import gather_tokens
 from chunkkv_cli.documents import pass_request_ids
 from chunkkv_cli.engine import CompressionSession, Target, forward, full_range, store_layer, use_compressing_attention
 from chunkkv_cli.options import DECODERS, PREFILL_BLOCK_ATTR
+from chunkkv_cli.packed import PackedCache, is_per_head
 from chunkkv_cli.route import is_sliding
 
 
@@ -84,8 +85,16 @@ def prefill(
 
 
 def apply_score_pass(model, target: Target, input_ids: torch.Tensor, repeat_prompt=()) -> None:
-    """Run the method's own pass over the fully prefilled cache and keep, per layer, the tokens it chooses."""
+    """Run the method's own pass over the fully prefilled cache and keep, per layer, the tokens it chooses.
+
+    A selection with per-head lengths replaces the target's cache by a `packed.PackedCache`.
+    """
     keep = target.compressor.score_pass(model, target.cache, input_ids, repeat_prompt)
+    if is_per_head(keep):
+        target.cache = PackedCache.gather(target.cache, keep)
+        if target.record:
+            target.kept.update({layer_idx: idx.positions for layer_idx, idx in enumerate(keep)})
+        return
     for layer_idx, idx in enumerate(keep):
         layer = target.cache.layers[layer_idx]
         if idx is None and is_sliding(layer):  # the window the model keeps, recorded as such at prefill
@@ -214,7 +223,9 @@ def decode(
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by a cache's key and value tensors, as allocated."""
+    """Bytes held by a cache's key and value tensors, as allocated (a packed cache counts its own)."""
+    if isinstance(cache, PackedCache):
+        return cache.nbytes()
     return sum(
         t.numel() * t.element_size()
         for layer in cache.layers
@@ -223,5 +234,8 @@ def cache_bytes(cache) -> int:
     )
 
 
-def kept_lengths(cache) -> list[int]:
+def kept_lengths(cache) -> list[float]:
+    """Tokens per layer (per KV head on average where heads keep lengths of their own)."""
+    if isinstance(cache, PackedCache):
+        return cache.kept_lengths()
     return [layer.keys.shape[-2] if layer.keys is not None else 0 for layer in cache.layers]

@@ -23,6 +23,7 @@ from chunkkv_cli.compress.base import gather_tokens
 from chunkkv_cli.documents import pass_request_ids
 from chunkkv_cli.engine import forward, store_layer, use_compressing_attention
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.packed import PackedCache, PackedLayer
 from chunkkv_cli.route import Route
 from chunkkv_cli.generate import cache_bytes, decode, kept_lengths, new_target, prefill, synchronize
 from chunkkv_cli.pipeline import stream_answer
@@ -45,8 +46,14 @@ class CompressedPrefix:
     full_bytes: int = 0  # what the uncompressed prefix's KV would take
     prefill_seconds: float = 0.0
     compress_seconds: float = 0.0
+    # Per layer, tokens kept by each KV head when heads keep lengths of their own (kvzip budget_shape=heads):
+    # keys/values are then (total, head_dim), heads one after another, and positions (total,).
+    head_lengths: list[list[int]] | None = None
 
-    def kept_lengths(self) -> list[int]:
+    def kept_lengths(self) -> list[float]:
+        """Tokens per layer (per KV head on average where heads keep lengths of their own)."""
+        if self.head_lengths is not None:
+            return [sum(lengths) / len(lengths) for lengths in self.head_lengths]
         return [k.shape[-2] for k in self.keys]
 
     def kept_bytes(self) -> int:
@@ -65,14 +72,16 @@ def compress_prefix(
     request = pass_request_ids(tokenizer, compressor)
     pre = prefill(model, torch.tensor([ids], device=device), [target], on_layer, request)
     layers = target.cache.layers
+    packed = isinstance(target.cache, PackedCache)
     return CompressedPrefix(
-        keys=[layer.keys for layer in layers],
-        values=[layer.values for layer in layers],
+        keys=[layer.prefix_keys if packed else layer.keys for layer in layers],
+        values=[layer.prefix_values if packed else layer.values for layer in layers],
         positions=[target.kept[i] for i in range(len(layers))],
         prefix_len=len(ids),
         full_bytes=pre.full_bytes,
         prefill_seconds=pre.seconds,
         compress_seconds=pre.compress_seconds,
+        head_lengths=[layer.lengths for layer in layers] if packed else None,
     )
 
 
@@ -83,13 +92,21 @@ def layer_device(model, layer_idx: int) -> torch.device:
     return torch.device(hooked) if hooked is not None else next(layer.parameters()).device
 
 
-def cache_copy(model, prefix: CompressedPrefix) -> DynamicCache:
-    """A fresh DynamicCache holding copies of the prefix's tensors, each layer on its layer's device, in the model's dtype."""
+def cache_copy(model, prefix: CompressedPrefix) -> DynamicCache | PackedCache:
+    """A fresh cache holding copies of the prefix's tensors, each layer on its layer's device, in the model's dtype.
+
+    A prefix whose heads keep lengths of their own gives a `PackedCache`, else a DynamicCache.
+    """
     dtype = next(model.parameters()).dtype
+    copies = [
+        [t.to(layer_device(model, layer_idx), dtype, copy=True) for t in (keys, values)]
+        for layer_idx, (keys, values) in enumerate(zip(prefix.keys, prefix.values))
+    ]
+    if prefix.head_lengths is not None:
+        return PackedCache([PackedLayer(k, v, lengths) for (k, v), lengths in zip(copies, prefix.head_lengths)])
     cache = DynamicCache(config=model.config)
-    for layer_idx, (keys, values) in enumerate(zip(prefix.keys, prefix.values)):
-        device = layer_device(model, layer_idx)
-        store_layer(cache, layer_idx, *[t.to(device, dtype, copy=True) for t in (keys, values)], seen=prefix.prefix_len)
+    for layer_idx, (keys, values) in enumerate(copies):
+        store_layer(cache, layer_idx, keys, values, seen=prefix.prefix_len)
     return cache
 
 
@@ -130,6 +147,9 @@ def with_question(model, prefix: CompressedPrefix, question_ids: list[int], narr
 
     `narrow`: a window-scoring method that keeps only its share of the document (of `prefix_len`) per layer.
     """
+    if narrow is not None and prefix.head_lengths is not None:
+        raise ChunkKVError("a cache whose KV heads keep lengths of their own (kvzip budget_shape=heads) cannot be "
+                           "narrowed per question; ask without --ratio")  # fmt: skip
     cache = cache_copy(model, prefix)
     route = None if narrow is None else Narrowing(narrow, cache, narrow.kept_tokens(prefix.prefix_len))
     logits = append(model, cache, question_ids, prefix.prefix_len, route)

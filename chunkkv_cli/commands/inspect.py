@@ -34,7 +34,7 @@ def inspect(
         "file_bytes": cache.stat().st_size,
         "kept_kv_bytes": prefix.kept_bytes(),
         "kept_per_layer": prefix.kept_lengths(),
-        "per_head": prefix.positions[0].dim() == 3,
+        "per_head": prefix.positions[0].dim() == 3 or prefix.head_lengths is not None,
     }
     if json_out:
         typer.echo(json.dumps(report, indent=2))

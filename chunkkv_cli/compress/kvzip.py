@@ -21,6 +21,7 @@ from chunkkv_cli.compress.base import Capabilities, Compressor, group_queries, w
 from chunkkv_cli.compress.chunkkv import chunk_maxima, keep_top_chunks
 from chunkkv_cli.engine import bottom_right_causal_mask, forward
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.packed import HeadKept
 from chunkkv_cli.route import Route
 
 REPEAT_REQUEST = "Repeat the previous context exactly."
@@ -45,9 +46,11 @@ class KVzip(Compressor):
         "each": every KV head picks its own chunks (same count per head).
     budget_shape : str, default "adaptive"
         "adaptive": one threshold over all layers' chunk scores, so layers keep different lengths and
-        the total equals a uniform budget's; "uniform": the same budget in every layer.
+        the total equals a uniform budget's; "uniform": the same budget in every layer; "heads": one
+        threshold over every layer's and KV head's chunks, as KVzip does, each KV head keeping its own
+        number of tokens, stored packed (`packed.py`: the memory held is what is kept; batch 1).
     uniform_share : float, default 0.0
-        With the adaptive shape, this share of the budget is spread evenly over the layers first (a floor
+        With the adaptive or heads shape, this share of the budget is spread evenly over the layers first (a floor
         for layers whose heads score low); the rest follows the threshold.
     sinks : int, default 4
         The first tokens, always kept.
@@ -83,8 +86,8 @@ class KVzip(Compressor):
         super().__post_init__()
         if self.heads not in ("shared", "each"):
             raise ChunkKVError(f"kvzip: heads must be shared or each, got {self.heads!r}")
-        if self.budget_shape not in ("adaptive", "uniform"):
-            raise ChunkKVError(f"kvzip: budget_shape must be adaptive or uniform, got {self.budget_shape!r}")
+        if self.budget_shape not in ("adaptive", "uniform", "heads"):
+            raise ChunkKVError(f"kvzip: budget_shape must be adaptive, uniform or heads, got {self.budget_shape!r}")
         if not 0 <= self.uniform_share <= 1:
             raise ChunkKVError(f"kvzip: uniform_share must be in [0, 1], got {self.uniform_share}")
         if self.normalize not in ("local", "full"):
@@ -105,10 +108,11 @@ class KVzip(Compressor):
         scores = reconstruction_scores(model, cache, prompt_ids, list(request), self)
         return self.keep(scores)
 
-    def keep(self, scores: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    def keep(self, scores: list[torch.Tensor]) -> list[torch.Tensor | HeadKept | None]:
         """Per layer, the kept positions from (batch, kv_heads, doc_len) scores: sinks, best chunks, window.
 
         A layer without scores (a sliding-window layer, which the repeat never scores) keeps its cache: None.
+        With budget_shape "heads" (batch 1) each layer's entry is a `HeadKept`: every KV head its own count.
         """
         scored = [s for s in scores if s is not None]
         doc_len = scored[0].shape[-1] if scored else 0
@@ -117,6 +121,11 @@ class KVzip(Compressor):
         if n_kept >= doc_len or self.keeps_whole(doc_len):
             return [None] * len(scores)
         pooled = [self._token_scores(s[..., : doc_len - window], sinks) for s in scored]
+        if self.budget_shape == "heads" and scored[0].shape[0] == 1:
+            if len(scored) < len(scores):
+                raise ChunkKVError("kvzip: budget_shape=heads needs every layer scored, and this model has "
+                                   "sliding-window layers: use budget_shape=adaptive")  # fmt: skip
+            return self._head_kept(pooled, n_kept - window, window, doc_len)
         adaptive = self._layer_counts(pooled, n_kept - window)
         spread = self.uniform_share * (n_kept - window)
         counts = iter([min(round(spread + (1 - self.uniform_share) * c), doc_len - window) for c in adaptive])
@@ -124,7 +133,8 @@ class KVzip(Compressor):
         return [None if s is None else self._layer_indices(next(pooled_iter), next(counts), window, doc_len) for s in scores]
 
     def _token_scores(self, scores: torch.Tensor, sinks: int) -> torch.Tensor:
-        scores = scores.amax(dim=1) if self.heads == "shared" else scores
+        shared = self.heads == "shared" and self.budget_shape != "heads"
+        scores = scores.amax(dim=1) if shared else scores
         scores = scores.clone()
         scores[..., :sinks] = float("inf")
         return scores
@@ -132,21 +142,42 @@ class KVzip(Compressor):
     def _layer_counts(self, pooled: list[torch.Tensor], total: int) -> list[int]:
         """Prefix tokens each layer keeps: `total` everywhere, or its share under one threshold over all layers.
 
-        The threshold is the score of the last chunk that still fits `total` tokens per layer on average;
-        a layer keeps as many tokens as its chunks (averaged over its heads) above it. Batch 1 only.
+        A layer keeps as many tokens as its chunks (averaged over its heads) above the threshold. Batch 1 only.
         """
         n_layers, prefix_len = len(pooled), pooled[0].shape[-1]
         if self.budget_shape == "uniform" or pooled[0].shape[0] != 1:
             return [total] * n_layers
+        tokens = self._tokens_above_threshold(pooled, total).mean(dim=1)
+        return [min(int(t), prefix_len) for t in tokens.tolist()]
+
+    def _tokens_above_threshold(self, pooled: list[torch.Tensor], total: int) -> torch.Tensor:
+        """(layers, rows): tokens of each row's chunks above one threshold over all layers' and rows' chunks.
+
+        A row is the layer's shared index set or one KV head. The threshold is the score of the last chunk
+        that still fits `total` tokens per row on average.
+        """
+        prefix_len = pooled[0].shape[-1]
         best = torch.stack([chunk_maxima(p, self.chunk_size).flatten(0, -2) for p in pooled])  # (layers, rows, chunks)
-        rows = best.shape[1]  # 1 shared index set, or one per KV head
         size = torch.full_like(best, self.chunk_size)
         size[..., -1] = prefix_len - self.chunk_size * (best.shape[-1] - 1)
         order = best.flatten().argsort(descending=True)
-        fits = size.flatten()[order].cumsum(0) <= total * n_layers * rows
+        fits = size.flatten()[order].cumsum(0) <= total * best.shape[0] * best.shape[1]
         taken = torch.zeros(best.numel(), device=best.device).index_fill_(0, order[fits], 1).view_as(best)
-        tokens = (taken * size).sum(dim=(1, 2)) / rows
-        return [min(int(t), prefix_len) for t in tokens.tolist()]
+        return (taken * size).sum(dim=2)
+
+    def _head_kept(self, pooled: list[torch.Tensor], total: int, window: int, doc_len: int) -> list[HeadKept]:
+        """Per layer, each KV head's kept positions (sinks, best chunks, window) under one global threshold."""
+        counts = self._tokens_above_threshold(pooled, total)
+        spread = self.uniform_share * total
+        kept = []
+        for scores, layer_counts in zip(pooled, counts.tolist()):
+            rows = [
+                self._layer_indices(scores[:, head : head + 1], min(round(spread + (1 - self.uniform_share) * c),
+                                    doc_len - window), window, doc_len).flatten()
+                for head, c in enumerate(layer_counts)
+            ]  # fmt: skip
+            kept.append(HeadKept(torch.cat(rows).cpu(), [row.numel() for row in rows]))
+        return kept
 
     def _layer_indices(self, scores: torch.Tensor, count: int, window: int, doc_len: int) -> torch.Tensor:
         count = max(count, min(self.sinks, scores.shape[-1]))

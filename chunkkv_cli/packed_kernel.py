@@ -1,0 +1,138 @@
+"""Split-KV decode attention over packed per-head prefixes and a dense tail, in Triton (see `packed.py`).
+
+KV head h attends to its own `offsets[h + 1] - offsets[h]` packed prefix rows, then to the first
+`tail_len` slots of its row of the tail buffer: one virtual sequence per head, of a head's own length.
+Each head's sequence is cut into splits that run in parallel (online softmax per split, then a merge by
+log-sum-exp), as flash-decoding does; splits past a shorter head's end do nothing. The query heads of a
+KV group are the rows of one tile, so every kept key and value is read once per step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU wheels of torch come without Triton
+    triton = None
+
+BLOCK_N = 64
+TARGET_PROGRAMS = 256
+
+
+def available(device: torch.device, head_dim: int) -> bool:
+    """Triton present, a CUDA tensor, a power-of-two head size, and not switched off (CHUNKKV_NO_TRITON)."""
+    power_of_two = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return triton is not None and device.type == "cuda" and power_of_two and not os.environ.get("CHUNKKV_NO_TRITON")
+
+
+def split_plan(longest: int, kv_heads: int) -> tuple[int, int]:
+    """(splits, tokens per split) for the longest head: enough programs to fill the GPU, whole blocks each."""
+    blocks = triton.cdiv(longest, BLOCK_N)
+    splits = max(1, min(blocks, TARGET_PROGRAMS // max(kv_heads, 1)))
+    chunk = triton.cdiv(blocks, splits) * BLOCK_N
+    return triton.cdiv(longest, chunk), chunk
+
+
+@torch.library.custom_op("chunkkv::packed_decode_attention", mutates_args=())
+def packed_decode_attention(
+    query: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, offsets: torch.Tensor,
+    tail_keys: torch.Tensor, tail_values: torch.Tensor, tail_len: torch.Tensor, scaling: float, longest_prefix: int,
+) -> torch.Tensor:
+    """query (1, q_heads, 1, d); prefix_keys/values (total, d) with offsets (kv_heads + 1,) int32;
+    tail_keys/values (1, kv_heads, capacity, d) of which the first tail_len (1,) int32 slots are filled;
+    longest_prefix: the longest head's prefix (sizes the splits, fixed for a CUDA graph).
+    Returns (1, 1, q_heads, d), the layout transformers' attention functions return.
+    """
+    _, q_heads, _, d = query.shape
+    kv_heads = tail_keys.shape[1]
+    group = q_heads // kv_heads
+    group_pad = max(16, triton.next_power_of_2(group))
+    splits, chunk = split_plan(longest_prefix + tail_keys.shape[2], kv_heads)
+    partial = torch.empty(kv_heads * splits, group_pad, d, device=query.device, dtype=torch.float32)
+    stats = torch.empty(kv_heads * splits, group_pad, 2, device=query.device, dtype=torch.float32)
+    _packed_splits[(kv_heads, splits)](
+        query, prefix_keys, prefix_values, offsets, tail_keys, tail_values, tail_len, partial, stats,
+        query.stride(1), prefix_keys.stride(0), prefix_values.stride(0),
+        tail_keys.stride(1), tail_keys.stride(2), tail_values.stride(1), tail_values.stride(2), scaling,
+        GROUP=group, GROUP_PAD=group_pad, D=d, BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits,
+    )  # fmt: skip
+    out = torch.empty(1, 1, q_heads, d, device=query.device, dtype=query.dtype)
+    _merge[(kv_heads, group)](
+        partial, stats, out, GROUP=group, GROUP_PAD=group_pad, D=d, SPLITS=splits,
+        SPLITS_PAD=triton.next_power_of_2(splits),
+    )  # fmt: skip
+    return out
+
+
+@packed_decode_attention.register_fake
+def _(query, prefix_keys, prefix_values, offsets, tail_keys, tail_values, tail_len, scaling, longest_prefix):
+    _, q_heads, _, d = query.shape
+    return query.new_empty(1, 1, q_heads, d)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _packed_splits(
+        Q, PK, PV, OFFSETS, TK, TV, TAIL_LEN, PARTIAL, STATS,
+        stride_qh, stride_pk, stride_pv, stride_tkh, stride_tkn, stride_tvh, stride_tvn, scaling,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+    ):  # fmt: skip
+        h = tl.program_id(0)
+        split = tl.program_id(1)
+        rows = tl.arange(0, GROUP_PAD)
+        dims = tl.arange(0, D)
+        q = tl.load(Q + (h * GROUP + rows)[:, None] * stride_qh + dims[None, :], mask=rows[:, None] < GROUP, other=0.0)
+        first = tl.load(OFFSETS + h)
+        n_prefix = tl.load(OFFSETS + h + 1) - first
+        length = n_prefix + tl.load(TAIL_LEN)
+        start = split * CHUNK
+        end = tl.minimum(start + CHUNK, length)
+        best = tl.full([GROUP_PAD], -1.0e30, tl.float32)  # finite: an empty split weighs 0 in the merge, not NaN
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            inside = cols < end
+            in_prefix = (cols < n_prefix)[:, None]
+            in_tail = (inside & (cols >= n_prefix))[:, None]
+            tail_row = (cols - n_prefix)[:, None]
+            k = tl.load(PK + (first + cols)[:, None] * stride_pk + dims[None, :], mask=in_prefix & inside[:, None], other=0.0)
+            k += tl.load(TK + h * stride_tkh + tail_row * stride_tkn + dims[None, :], mask=in_tail, other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scaling
+            scores = tl.where(inside[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, 1))
+            rescale = tl.exp(best - new_best)
+            p = tl.exp(scores - new_best[:, None])
+            v = tl.load(PV + (first + cols)[:, None] * stride_pv + dims[None, :], mask=in_prefix & inside[:, None], other=0.0)
+            v += tl.load(TV + h * stride_tvh + tail_row * stride_tvn + dims[None, :], mask=in_tail, other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+            total = total * rescale + tl.sum(p, 1)
+            best = new_best
+        slot = (h * SPLITS + split) * GROUP_PAD + rows
+        tl.store(PARTIAL + slot[:, None] * D + dims[None, :], acc)
+        tl.store(STATS + slot * 2, best)
+        tl.store(STATS + slot * 2 + 1, total)
+
+    @triton.jit
+    def _merge(
+        PARTIAL, STATS, OUT,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    ):  # fmt: skip
+        h = tl.program_id(0)
+        row = tl.program_id(1)
+        splits = tl.arange(0, SPLITS_PAD)
+        dims = tl.arange(0, D)
+        used = splits < SPLITS
+        slot = (h * SPLITS + splits) * GROUP_PAD + row
+        best = tl.load(STATS + slot * 2, mask=used, other=-1.0e30)
+        weight = tl.exp(best - tl.max(best, 0))
+        total = tl.sum(weight * tl.load(STATS + slot * 2 + 1, mask=used, other=0.0), 0)
+        partial = tl.load(PARTIAL + slot[:, None] * D + dims[None, :], mask=used[:, None], other=0.0)
+        out = tl.sum(partial * weight[:, None], 0) / total
+        tl.store(OUT + (h * GROUP + row) * D + dims, out.to(OUT.dtype.element_ty))
