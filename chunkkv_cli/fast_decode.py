@@ -19,7 +19,31 @@ from chunkkv_cli.engine import drop_layer, forward
 from chunkkv_cli.route import Route
 
 
-class StaticKV(Route):
+class SlotBuffers(Route):
+    """Per-layer buffers written one token at a time at slots held in tensors (`write_pos`, `filled`), so every
+    decode step has the same shapes and addresses (CUDA graphs). Subclasses allocate keys, values and both."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    write_pos: torch.Tensor
+    filled: torch.Tensor
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Write one new token's K/V at this layer's next slot; return the whole buffers."""
+        slot = self.write_pos[layer_idx].view(1)
+        self.keys[layer_idx].index_copy_(2, slot, key_states)
+        self.values[layer_idx].index_copy_(2, slot, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def open_next_slot(self) -> None:
+        """Mark every layer's next slot as filled (the new token attends to itself)."""
+        self.filled += 1
+
+    def advance(self) -> None:
+        self.write_pos += 1
+
+
+class StaticKV(SlotBuffers):
     """Per-layer K/V buffers of one capacity; layer l of every sequence holds its first `write_pos[l]` slots.
 
     Layers may hold different numbers of kept tokens (PyramidKV); `filled` (layers, batch) tells attention how many.
@@ -43,17 +67,6 @@ class StaticKV(Route):
         self.write_pos = torch.tensor(lengths, device=self.keys[0].device)
         self.filled = self.write_pos[:, None].expand(-1, batch).to(torch.int32).contiguous()
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """Write one new token's K/V at this layer's next slot; return the whole buffers."""
-        slot = self.write_pos[layer_idx].view(1)
-        self.keys[layer_idx].index_copy_(2, slot, key_states)
-        self.values[layer_idx].index_copy_(2, slot, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def open_next_slot(self) -> None:
-        """Mark every layer's next slot as filled (the new token attends to itself)."""
-        self.filled += 1
-
     def attend(self, layer_idx: int, query, key, value, scaling: float) -> torch.Tensor:
         """One new token per sequence over this layer's filled slots (or the clusters ClusterKV selects)."""
         lengths = self.filled[layer_idx]
@@ -69,9 +82,6 @@ class StaticKV(Route):
             key, value = (torch.cat([gather_tokens(t, index), t[:, :, tail_start:]], dim=2) for t in (key, value))
         mask = torch.arange(key.shape[2], device=key.device)[None, :] < lengths[:, None]
         return grouped_decode_attention(query, key, value, scaling, mask)
-
-    def advance(self) -> None:
-        self.write_pos += 1
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Kept + generated length of a layer, read on the host (not used inside captured steps)."""

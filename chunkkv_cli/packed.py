@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from chunkkv_cli import packed_kernel
+from chunkkv_cli import decode_kernel, packed_kernel
 from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.fast_decode import SlotBuffers
 from chunkkv_cli.route import Route
 
 BATCH_ONE = "a cache with per-head lengths (kvzip budget_shape=heads) holds one sequence: use batch 1"
@@ -158,11 +159,10 @@ def packed_attention(query, layer: PackedLayer, tail_keys, tail_values, tail_len
     return out.transpose(0, 1).unsqueeze(0).contiguous()
 
 
-class PackedStatic(Route):
+class PackedStatic(SlotBuffers):
     """The fast decoder's form of a `PackedCache`: the packed prefixes as they are, plus a preallocated tail.
 
-    Same interface as `fast_decode.StaticKV` (write_pos, filled, update, attend, ...): each step writes its
-    token at a slot held in a tensor, so every step has the same shapes and addresses (CUDA graphs).
+    Writes slots as `fast_decode.StaticKV` does (`SlotBuffers`); attends to each head's prefix and the tail.
     """
 
     def __init__(self, cache: PackedCache, new_tokens: int):
@@ -181,21 +181,9 @@ class PackedStatic(Route):
         self.filled = self.write_pos[:, None].to(torch.int32).contiguous()
         self.longest = max(max(layer.lengths) for layer in self.layers)
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        slot = self.write_pos[layer_idx].view(1)
-        self.keys[layer_idx].index_copy_(2, slot, key_states)
-        self.values[layer_idx].index_copy_(2, slot, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def open_next_slot(self) -> None:
-        self.filled += 1
-
-    def advance(self) -> None:
-        self.write_pos += 1
-
     def attend(self, layer_idx, query, key, value, scaling):
         layer = self.layers[layer_idx]
-        if packed_kernel.available(query.device, query.shape[-1]):
+        if decode_kernel.available(query.device, query.shape[-1]):
             return packed_kernel.packed_decode_attention(
                 query, layer.prefix_keys, layer.prefix_values, layer.offsets, key, value, self.filled[layer_idx],
                 scaling, self.longest,

@@ -9,32 +9,17 @@ KV group are the rows of one tile, so every kept key and value is read once per 
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from chunkkv_cli.decode_kernel import BLOCK_N, split_plan
 
 try:
     import triton
     import triton.language as tl
+
+    from chunkkv_cli.decode_kernel import _merge_splits
 except ImportError:  # CPU wheels of torch come without Triton
     triton = None
-
-BLOCK_N = 64
-TARGET_PROGRAMS = 256
-
-
-def available(device: torch.device, head_dim: int) -> bool:
-    """Triton present, a CUDA tensor, a power-of-two head size, and not switched off (CHUNKKV_NO_TRITON)."""
-    power_of_two = head_dim >= 16 and head_dim & (head_dim - 1) == 0
-    return triton is not None and device.type == "cuda" and power_of_two and not os.environ.get("CHUNKKV_NO_TRITON")
-
-
-def split_plan(longest: int, kv_heads: int) -> tuple[int, int]:
-    """(splits, tokens per split) for the longest head: enough programs to fill the GPU, whole blocks each."""
-    blocks = triton.cdiv(longest, BLOCK_N)
-    splits = max(1, min(blocks, TARGET_PROGRAMS // max(kv_heads, 1)))
-    chunk = triton.cdiv(blocks, splits) * BLOCK_N
-    return triton.cdiv(longest, chunk), chunk
 
 
 @torch.library.custom_op("chunkkv::packed_decode_attention", mutates_args=())
@@ -61,7 +46,7 @@ def packed_decode_attention(
         GROUP=group, GROUP_PAD=group_pad, D=d, BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits,
     )  # fmt: skip
     out = torch.empty(1, 1, q_heads, d, device=query.device, dtype=query.dtype)
-    _merge[(kv_heads, group)](
+    _merge_splits[(kv_heads, group)](
         partial, stats, out, GROUP=group, GROUP_PAD=group_pad, D=d, SPLITS=splits,
         SPLITS_PAD=triton.next_power_of_2(splits),
     )  # fmt: skip
@@ -118,21 +103,3 @@ if triton is not None:
         tl.store(PARTIAL + slot[:, None] * D + dims[None, :], acc)
         tl.store(STATS + slot * 2, best)
         tl.store(STATS + slot * 2 + 1, total)
-
-    @triton.jit
-    def _merge(
-        PARTIAL, STATS, OUT,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    ):  # fmt: skip
-        h = tl.program_id(0)
-        row = tl.program_id(1)
-        splits = tl.arange(0, SPLITS_PAD)
-        dims = tl.arange(0, D)
-        used = splits < SPLITS
-        slot = (h * SPLITS + splits) * GROUP_PAD + row
-        best = tl.load(STATS + slot * 2, mask=used, other=-1.0e30)
-        weight = tl.exp(best - tl.max(best, 0))
-        total = tl.sum(weight * tl.load(STATS + slot * 2 + 1, mask=used, other=0.0), 0)
-        partial = tl.load(PARTIAL + slot[:, None] * D + dims[None, :], mask=used[:, None], other=0.0)
-        out = tl.sum(partial * weight[:, None], 0) / total
-        tl.store(OUT + (h * GROUP + row) * D + dims, out.to(OUT.dtype.element_ty))
