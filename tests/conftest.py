@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -59,3 +61,20 @@ class CharTokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(97 + i % 26) for i in ids)
+
+
+BATCH_ROWS = [
+    {"id": "h1", "document": "harbour.txt", "question": "Who keeps the ledger?"},
+    {"id": "m1", "document": "mill.txt", "question": "What is ground on Tuesdays?"},
+    {"id": "gone", "document": "nowhere.txt", "question": "Anything?"},
+    {"id": "h2", "document": "harbour.txt", "question": "Where is the ledger?", "meta": {"gold": "tower"}},
+]
+
+
+def write_batch_jobs(folder, extra_rows=()):
+    """Two small documents and a jobs.jsonl asking about them (one job names a missing document)."""
+    (folder / "harbour.txt").write_text("The harbour master keeps the blue ledger in the tower. " * 3)
+    (folder / "mill.txt").write_text("The miller grinds rye on Tuesdays and oats on Fridays. " * 3)
+    path = folder / "jobs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in [*BATCH_ROWS, *extra_rows]))
+    return path

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from chunkkv_cli.cli import app
 from tests.test_cli_ask import tiny_loaded  # noqa: F401 - the fixture that patches the CLI's model loader
+from tests.conftest import write_batch_jobs
 
 OPTIONS = ["--ratio", "0.3", "--window", "8", "--max-new-tokens", "5"]
 
@@ -19,17 +20,7 @@ def cli(*args):
 
 @pytest.fixture
 def jobs(tmp_path):
-    (tmp_path / "harbour.txt").write_text("The harbour master keeps the blue ledger in the tower. " * 3)
-    (tmp_path / "mill.txt").write_text("The miller grinds rye on Tuesdays and oats on Fridays. " * 3)
-    rows = [
-        {"id": "h1", "document": "harbour.txt", "question": "Who keeps the ledger?"},
-        {"id": "m1", "document": "mill.txt", "question": "What is ground on Tuesdays?"},
-        {"id": "gone", "document": "nowhere.txt", "question": "Anything?"},
-        {"id": "h2", "document": "harbour.txt", "question": "Where is the ledger?", "meta": {"gold": "tower"}},
-    ]
-    path = tmp_path / "jobs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_batch_jobs(tmp_path)
 
 
 def compressions(monkeypatch) -> list[int]:

@@ -18,6 +18,7 @@ from chunkkv_cli.batch import Settings, run_batch
 from chunkkv_cli.batch_runner import ModelRunner
 from chunkkv_cli.cli import app, fill_optional_values
 from chunkkv_cli.jobs import read_jobs
+from tests.conftest import write_batch_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = Settings("tiny", "snapkv", ratio=0.3, window=8, max_new_tokens=5, decoder="hf")
@@ -55,18 +56,7 @@ class TinyRunners:
 
 @pytest.fixture
 def jobs_file(tmp_path):
-    (tmp_path / "harbour.txt").write_text("The harbour master keeps the blue ledger in the tower. " * 3)
-    (tmp_path / "mill.txt").write_text("The miller grinds rye on Tuesdays and oats on Fridays. " * 3)
-    rows = [
-        {"id": "h1", "document": "harbour.txt", "question": "Who keeps the ledger?"},
-        {"id": "m1", "document": "mill.txt", "question": "What is ground on Tuesdays?"},
-        {"id": "gone", "document": "nowhere.txt", "question": "Anything?"},
-        {"id": "h2", "document": "harbour.txt", "question": "Where is the ledger?", "meta": {"gold": "tower"}},
-        {"id": "m2", "document": "mill.txt", "question": "And on Fridays?", "ratio": 0.5},
-    ]
-    path = tmp_path / "jobs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_batch_jobs(tmp_path, [{"id": "m2", "document": "mill.txt", "question": "And on Fridays?", "ratio": 0.5}])
 
 
 @pytest.fixture(scope="module")
