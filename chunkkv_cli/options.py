@@ -17,6 +17,14 @@ DECODERS = ("auto", "hf", "fast", "compiled")
 PREFILL_BLOCK_ATTR = "chunkkv_prefill_block"  # set on a loaded model by `ModelSpec.configure`
 
 
+def param_pair(pair: str) -> tuple[str, str]:
+    """``KEY=VALUE`` as (key, value), both stripped; anything else fails in one line."""
+    key, sep, value = pair.partition("=")
+    if not sep or not key.strip():
+        raise ChunkKVError(f"--param takes KEY=VALUE (e.g. reach=1024), got {pair!r}")
+    return key.strip(), value.strip()
+
+
 @dataclass(frozen=True)
 class Compression:
     """How a document's KV cache is compressed.
@@ -54,8 +62,7 @@ class Compression:
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(self.params))
         for pair in self.params:
-            if "=" not in pair or not pair.split("=", 1)[0].strip():
-                raise ChunkKVError(f"--param takes KEY=VALUE (e.g. reach=1024), got {pair!r}")
+            param_pair(pair)
         if self.method not in registry.REGISTRY:
             raise ChunkKVError(f"unknown method {self.method!r}; choose one of: {', '.join(registry.names())}")
         check_ratio_budget(self.ratio, self.budget)
@@ -85,7 +92,7 @@ class Compression:
         """The compression settings as a report lists them (offload only when set)."""
         shared = {"ratio": self.ratio, "budget": self.budget, "window": self.window, "chunk_size": self.chunk_size}
         shared = shared if self.offload is None else {**shared, "offload": self.offload}
-        return {**shared, "params": dict(p.split("=", 1) for p in self.params)} if self.params else shared
+        return {**shared, "params": dict(map(param_pair, self.params))} if self.params else shared
 
 
 @dataclass(frozen=True)

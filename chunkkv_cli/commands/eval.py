@@ -102,11 +102,10 @@ def _agnostic_task(agnostic: bool, task: str) -> bool:
 def _method_params(params: list[str], methods: list[str]) -> list[str]:
     """--param pairs, each checked against the methods of the grid that take its key (one must)."""
     from chunkkv_cli.compress import method_class
-    from chunkkv_cli.options import Compression
+    from chunkkv_cli.options import Compression, param_pair
 
     for pair in params:
-        Compression(params=(pair,))  # KEY=VALUE, else one line
-        key = pair.split("=", 1)[0].strip()
+        key = param_pair(pair)[0]
         takers = [m for m in methods if key in method_class(m).parameters()]
         if not takers:
             raise ChunkKVError(f"--param {pair}: none of the methods {', '.join(methods)} takes {key!r}")

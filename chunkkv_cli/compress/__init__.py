@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 
 from chunkkv_cli import registry
+from chunkkv_cli.options import param_pair
 from chunkkv_cli.compress.base import Capabilities, Compressor
 from chunkkv_cli.errors import ChunkKVError
 
@@ -53,7 +54,7 @@ def typed_params(name: str, pairs) -> dict:
     defaults = {f.name: f.default for f in fields(cls) if f.init}
     out = {}
     for pair in pairs:
-        key, text = (part.strip() for part in pair.split("=", 1))
+        key, text = param_pair(pair)
         if key not in defaults:
             raise ChunkKVError(f"{name} takes no parameter {key!r}; it takes: {', '.join(defaults)}")
         out[key] = _convert(name, key, text, defaults[key])

@@ -19,7 +19,7 @@ from chunkkv_cli.compress.base import keep_top
 from chunkkv_cli.errors import ChunkKVError
 from chunkkv_cli.eval import scoring
 from chunkkv_cli.eval.data import Sample
-from chunkkv_cli.options import Compression
+from chunkkv_cli.options import Compression, param_pair
 from chunkkv_cli.records import RecordFile, RecordFormat, read_records
 from chunkkv_cli.registry import REFERENCE
 
@@ -66,7 +66,7 @@ class Settings:
         from chunkkv_cli.compress import method_class
 
         taken = method_class(point.method).parameters()
-        own = tuple(p for p in self.params if p.split("=", 1)[0].strip() in taken)
+        own = tuple(p for p in self.params if param_pair(p)[0] in taken)
         return Compression(point.method, window=self.window, chunk_size=self.chunk_size,
                            reuse_layers=self.reuse_layers, params=own, **point.compression())  # fmt: skip
 
