@@ -69,7 +69,8 @@ def model_attention(module, query, key, value, scaling: float, kwargs: dict) -> 
     return sdpa_attention_forward(module, query, key, value, mask, **plain)[0]
 
 
-AttentionInterface.register(ATTENTION_NAME, compressing_attention)
+# Opaque to torch.compile: what it does depends on the layer and the route (see `compiled`).
+AttentionInterface.register(ATTENTION_NAME, torch.compiler.disable(compressing_attention))
 
 
 def use_compressing_attention(model) -> None:

@@ -9,11 +9,13 @@ the same shapes and addresses. On CUDA the step is captured once and replayed; o
 
 from __future__ import annotations
 
-import weakref
+import contextlib
+import time
 
 import torch
 
 from chunkkv_cli import decode_kernel
+from chunkkv_cli.compiled import compiled_regions, report_compile
 from chunkkv_cli.compress.base import gather_tokens, grouped_decode_attention
 from chunkkv_cli.engine import drop_layer, forward
 from chunkkv_cli.route import Route
@@ -28,6 +30,7 @@ class SlotBuffers(Route):
     write_pos: torch.Tensor
     filled: torch.Tensor
 
+    @torch.compiler.disable  # kept out of compiled layers: its buffers and slot differ per layer (`compiled`)
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Write one new token's K/V at this layer's next slot; return the whole buffers."""
         slot = self.write_pos[layer_idx].view(1)
@@ -97,32 +100,14 @@ def static_buffers(cache, new_tokens: int, recall=None):
     return to_static(new_tokens) if to_static is not None else StaticKV(cache, new_tokens, recall)
 
 
-_compiled = weakref.WeakKeyDictionary()
-
-
-def compiled_forward(model):
-    """The model's forward compiled by Inductor (fused norms, RoPE and activations); once per model.
-
-    The first step of each new cache shape compiles (a minute or more for an 8B model); later ones
-    reuse it. CHUNKKV_COMPILE_TUNING=1 also tunes the matrix-vector kernels (much slower to compile).
-    """
-    if model not in _compiled:
-        import os
-
-        import torch._inductor.config as inductor
-
-        inductor.coordinate_descent_tuning = bool(os.environ.get("CHUNKKV_COMPILE_TUNING"))
-        _compiled[model] = torch.compile(model, dynamic=False)
-    return _compiled[model]
-
-
 class FastDecoder:
     """`step(token) -> logits` over a StaticKV; graph-captured on CUDA at the first step, optionally compiled."""
 
     def __init__(
         self, model, cache, start_pos: int, new_tokens: int, use_graph: bool | None = None, compile=False, recall=None
     ):
-        self.model = compiled_forward(model) if compile else model
+        self.model = model
+        self.compile = compile
         self.static = static_buffers(cache, new_tokens, recall)
         device = self.static.write_pos.device
         batch = self.static.filled.shape[1]
@@ -131,10 +116,12 @@ class FastDecoder:
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         self.graph = None
         self.logits = None
+        self.first_step_seconds: float | None = None  # the one-time cost: capture, and compilation if any
 
     def _forward(self) -> torch.Tensor:
         self.static.open_next_slot()
-        out = forward(self.model, self.token, self.static, self.position, route=self.static)
+        with compiled_regions(self.model) if self.compile else contextlib.nullcontext():
+            out = forward(self.model, self.token, self.static, self.position, route=self.static)
         self.static.advance()
         self.position += 1
         return out.logits[:, -1]
@@ -145,7 +132,11 @@ class FastDecoder:
         if not self.use_graph:
             return self._forward()
         if self.graph is None:
+            start = time.perf_counter()
             self._capture()
+            self.first_step_seconds = time.perf_counter() - start
+            if self.compile:
+                report_compile(self.first_step_seconds)
         self.graph.replay()
         return self.logits
 

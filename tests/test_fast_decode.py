@@ -58,3 +58,27 @@ def test_unknown_decoder_is_rejected(model, prompt):
 
     with pytest.raises(ChunkKVError, match="--decoder"):
         greedy(model, prompt, "chunkkv", "turbo")
+
+
+def compiled_misses(shape: dict, prompt, cache_dir, monkeypatch) -> tuple[torch.Tensor, int]:
+    """Greedy tokens of the compiled decoder on a model of `shape`, and how many graphs Inductor built for it."""
+    from torch._dynamo.utils import counters
+
+    from tests.conftest import tiny_model
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    before = counters["inductor"]["fxgraph_cache_miss"]
+    tokens = greedy(tiny_model(**shape), prompt[:1], "chunkkv", "compiled", new_tokens=4)
+    return tokens, counters["inductor"]["fxgraph_cache_miss"] - before
+
+
+@pytest.mark.slow  # compiles on the CPU (tens of seconds)
+def test_compiled_decoder_equals_fast_and_compiles_once_whatever_the_depth(prompt, tmp_path, monkeypatch):
+    from tests.conftest import tiny_model
+
+    shapes = {"shallow": dict(num_hidden_layers=2), "deep": dict(num_hidden_layers=6, hidden_size=80)}  # no graph shared
+    builds = {}
+    for name, shape in shapes.items():
+        tokens, builds[name] = compiled_misses(shape, prompt, tmp_path / name, monkeypatch)
+        assert torch.equal(tokens, greedy(tiny_model(**shape), prompt[:1], "chunkkv", "fast", new_tokens=4))
+    assert 0 < builds["deep"] == builds["shallow"]  # a graph that held a layer's own cache or index would differ per layer
