@@ -18,6 +18,7 @@ from chunkkv_cli import decode_kernel
 from chunkkv_cli.compiled import compiled_regions, report_compile
 from chunkkv_cli.compress.base import gather_tokens, grouped_decode_attention
 from chunkkv_cli.engine import drop_layer, forward
+from chunkkv_cli.fused_projections import stacked_projections
 from chunkkv_cli.route import Route
 
 
@@ -120,7 +121,7 @@ class FastDecoder:
 
     def _forward(self) -> torch.Tensor:
         self.static.open_next_slot()
-        with compiled_regions(self.model) if self.compile else contextlib.nullcontext():
+        with stacked_projections(self.model), compiled_regions(self.model) if self.compile else contextlib.nullcontext():
             out = forward(self.model, self.token, self.static, self.position, route=self.static)
         self.static.advance()
         self.position += 1

@@ -206,3 +206,14 @@ def test_a_prefill_in_blocks_equals_one_pass_on_hybrid_models(name, prompt):
         kept = [kept_lengths(t.cache) for t in targets]
         results.append((decode(model, targets[0].cache, pre.logits, PROMPT_LEN, 4, decoder="hf"), kept))
     assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+
+
+@pytest.mark.parametrize("name", [f for f in FAMILY_PROFILES if f not in HYBRID])
+def test_the_fast_decoder_gives_the_hf_decoders_greedy_tokens(name, prompt):
+    model, _ = tiny_family_model(name)
+    tokens = {}
+    for decoder in ("hf", "fast"):
+        target = new_target(model, make_compressor("chunkkv", ratio=0.5))
+        pre = prefill(model, prompt, [target])
+        tokens[decoder] = decode(model, target.cache, pre.logits, PROMPT_LEN, NEW_TOKENS, decoder=decoder)
+    assert torch.equal(tokens["fast"], tokens["hf"])

@@ -82,3 +82,22 @@ def test_compiled_decoder_equals_fast_and_compiles_once_whatever_the_depth(promp
         tokens, builds[name] = compiled_misses(shape, prompt, tmp_path / name, monkeypatch)
         assert torch.equal(tokens, greedy(tiny_model(**shape), prompt[:1], "chunkkv", "fast", new_tokens=4))
     assert 0 < builds["deep"] == builds["shallow"]  # a graph that held a layer's own cache or index would differ per layer
+
+
+def test_decode_steps_run_q_k_v_and_gate_up_as_one_product_each_and_leave_the_model_as_it_was(model, prompt):
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    originals = [attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj]
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in originals]
+    try:
+        target = new_target(model, make_compressor("chunkkv", budget=40, window=8))
+        pre = prefill(model, prompt, [target])
+        prefill_calls = len(calls)
+        decode(model, target.cache, pre.logits, PROMPT_LEN, 4, decoder="fast")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert prefill_calls == 5 and len(calls) == 5, "decode steps ran the stacked products, not the model's own"
+    assert [attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj] == originals
+    storage = {m.weight.untyped_storage().data_ptr() for m in originals[:3]}
+    assert len(storage) == 1, "q, k and v weights are views of one stacked matrix (no second copy)"
