@@ -16,8 +16,9 @@ with `driver_start` added is reported too (`..._counting_local_start`).
 
     python benchmarks/ray_batch.py --tokenizer .devcarry/tokenizer --out benchmarks/results/ray_batch_h200.json
     (on the GPU machine, which has no ray: benchmarks/ray_bundle.sh packs one small enough to carry)
-    python benchmarks/ray_batch.py --tokenizer DIR --model smollm2-135m --docs 4 --jobs-per-doc 2 \\
-        --doc-words 300 --max-new-tokens 4 --actors 1 --out /tmp/ray_batch_cpu.json        # a CPU smoke run
+    OMP_NUM_THREADS=1 python benchmarks/ray_batch.py --tokenizer DIR --model smollm2-135m --docs 4 \\
+        --jobs-per-doc 2 --doc-words 300 --max-new-tokens 4 --actors 1 --out /tmp/ray_batch_cpu.json   # CPU smoke
+    (one thread each: Ray gives its CPU actor one, and `breakdown.torch_threads` shows what each path had)
 """
 
 from __future__ import annotations
