@@ -26,10 +26,10 @@ PROFILES = ["llama3.2-3b", "phi-3.5-mini", "gemma-3-4b", "qwen3-8b", "mistral-7b
             "gemma-3-12b", "gpt-oss-20b", "gemma-3-27b", "qwen3-30b-a3b"]  # fmt: skip
 
 
-def one(name: str, seq: int, decode_tokens: int) -> dict:
+def one(name: str, seq: int, decode_tokens: int, repeats: int = 1) -> dict:
     profile = load_profile(name)
     decoders = "hf" if profile.sliding_window else "hf,fast"
-    plan = Plan(seqs=[seq], reuse=[1], batches=[1], decode_tokens=decode_tokens, repeats=1)
+    plan = Plan(seqs=[seq], reuse=[1], batches=[1], decode_tokens=decode_tokens, repeats=repeats)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = measure(ModelSpec(name, device, "bf16"), Compression("chunkkv", ratio=0.1), plan, decoders, True)
@@ -46,11 +46,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=32768)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--models", default=",".join(PROFILES))
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per row after the warm-up (the median is kept)")
     args = parser.parse_args()
     results = {"command": " ".join(["python", *sys.argv]), "models": {}}
     for name in args.models.split(","):
         try:
-            results["models"][name] = one(name, args.seq, args.decode_tokens)
+            results["models"][name] = one(name, args.seq, args.decode_tokens, args.repeats)
         except Exception as err:  # one family failing must not lose the others' figures
             results["models"][name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
         gc.collect()

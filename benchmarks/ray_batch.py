@@ -4,24 +4,35 @@ Random weights of a profile's shape (llama3-8b by default) with the SmolLM2 toke
 vocabulary), documents of synthetic text cut to the context (`truncate`), jobs grouped 8 per document. Both paths
 load their own model (the local one in this process, Ray's in its one GPU actor) and run the same `ModelRunner`;
 a short warm-up first compiles the Triton kernels, so neither path pays for it. Reported: end-to-end seconds
-(model load included, Ray's start included for Ray), new tokens per second, and whether the answers agree.
+(model load included; `ray_start_seconds`, the `ray.init`, apart), new tokens per second, whether the answers agree,
+and per path a `breakdown` from wall-clock marks the model's process writes (the actor's too; one host, one clock):
+when each step first happened after the run's start (`first_at_s`: `process_started`, Ray's `actor_unpickled`,
+`load_start`, `imports_done`, `device_ready`, `load_end`, `job_end` = the first answer), the load's parts (`imports_s`,
+`device_start_s`, `model_build_s`), the steady state from the first answer to the last (`steady_jobs_per_second`,
+`steady_tokens_per_second`), each document's seconds, and the seconds the model's process sat between jobs. The
+local path's imports and CUDA start happened before its timing (this process paid them at its own start, reported
+as `driver_start`); a Ray actor is a fresh process and pays them inside its run. The ratio of the local path
+with `driver_start` added is reported too (`..._counting_local_start`).
 
     python benchmarks/ray_batch.py --tokenizer .devcarry/tokenizer --out benchmarks/results/ray_batch_h200.json
     (on the GPU machine, which has no ray: benchmarks/ray_bundle.sh packs one small enough to carry)
-    python benchmarks/ray_batch.py --tokenizer DIR --model smollm2-135m --docs 2 --jobs-per-doc 2 \\
-        --doc-words 300 --max-new-tokens 4 --out /tmp/ray_batch_cpu.json        # a CPU smoke run
+    OMP_NUM_THREADS=1 python benchmarks/ray_batch.py --tokenizer DIR --model smollm2-135m --docs 4 \\
+        --jobs-per-doc 2 --doc-words 300 --max-new-tokens 4 --actors 1 --out /tmp/ray_batch_cpu.json   # CPU smoke
+    (one thread each: Ray gives its CPU actor one, and `breakdown.torch_threads` shows what each path had)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,14 +64,104 @@ class RandomModel:
         return Loaded(model, tokenizer, profile, device)
 
 
+class Timeline:
+    """Wall-clock marks appended to a file by this process or by a Ray actor (one host, so one clock)."""
+
+    def __init__(self, file: Path, path: str):
+        self.file, self.path = file, path
+
+    def mark(self, what: str, at: float | None = None, **extra) -> None:
+        row = {"path": self.path, "what": what, "t": time.time() if at is None else at, "pid": os.getpid(), **extra}
+        with open(self.file, "a") as out:
+            out.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        lines = self.file.read_text().splitlines() if self.file.exists() else []
+        return [row for row in map(json.loads, lines) if row["path"] == self.path]
+
+
+class TimedLoad:
+    """The model load in steps: a fresh process's imports and CUDA start (`start_steps`), then the build."""
+
+    def __init__(self, load: RandomModel, timeline: Timeline):
+        self.load, self.timeline = load, timeline
+
+    def __call__(self):
+        self.timeline.mark("load_start", process_started=process_started())
+        start_steps(lambda: self.timeline.mark("imports_done"))
+        import torch
+
+        self.timeline.mark("device_ready", torch_threads=torch.get_num_threads())  # Ray sets OMP_NUM_THREADS
+        loaded = self.load()
+        sync()
+        self.timeline.mark("load_end")
+        return loaded
+
+
+def start_steps(imported: Callable[[], None] = lambda: None) -> None:
+    """What a fresh process pays before its model: torch, transformers and the runner's modules, then CUDA."""
+    import torch
+    import transformers  # noqa: F401
+
+    from chunkkv_cli import documents, model, reuse  # noqa: F401
+
+    imported()
+    if torch.cuda.is_available():
+        torch.zeros(1, device="cuda")
+    sync()
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_start() -> dict:
+    """This process's own `start_steps`, timed as an actor's are: what the local path paid before its timing."""
+    marks = [time.perf_counter()]
+    start_steps(lambda: marks.append(time.perf_counter()))
+    marks.append(time.perf_counter())
+    return {"imports_s": round(marks[1] - marks[0], 3), "device_start_s": round(marks[2] - marks[1], 3)}
+
+
+class TimedRunner:
+    """A ModelRunner whose jobs mark when they start and end."""
+
+    def __init__(self, runner: ModelRunner, timeline: Timeline):
+        self.runner, self.timeline = runner, timeline
+
+    def __call__(self, job, settings):
+        self.timeline.mark("job_start", job=job.id, document=job.document)
+        result = self.runner(job, settings)
+        self.timeline.mark("job_end", job=job.id, document=job.document, new_tokens=result.get("new_tokens") or 0)
+        return result
+
+
+def process_started() -> float | None:
+    """When this process started (a Ray actor's may have been started ahead by Ray, before the batch)."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except ImportError:
+        return None
+
+
 class Runners:
     """The Ray path's runner factory: one model per actor, a ModelRunner per document."""
 
-    def __init__(self, load: RandomModel, settings: Settings):
+    def __init__(self, load: TimedLoad, settings: Settings):
         self.load, self.settings, self.loaded = load, settings, None
 
     def __call__(self, jobs):
-        return ModelRunner(self._load, jobs, self.settings)
+        self.load.timeline.mark("document_start", document=jobs[0].document)
+        return TimedRunner(ModelRunner(self._load, jobs, self.settings), self.load.timeline)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.load.timeline.mark("actor_unpickled", process_started=process_started())
 
     def _load(self):
         if self.loaded is None:
@@ -80,14 +181,74 @@ def write_jobs(folder: Path, docs: int, per_doc: int, words: int) -> Path:
     return folder / "jobs.jsonl"
 
 
-def measure(name: str, run) -> dict:
-    start = time.perf_counter()
+def measure(name: str, run, timeline: Timeline) -> dict:
+    """End to end (the run's wall time, as before), and its breakdown from the timeline's marks."""
+    start, wall = time.perf_counter(), time.time()
     summary = run()
-    seconds = time.perf_counter() - start
+    seconds, end = time.perf_counter() - start, time.time()
     print(f"{name}: {summary['answered']} answered, {summary['new_tokens']} new tokens in {seconds:.1f} s", flush=True)
     return {"seconds": round(seconds, 2), "tokens_per_second": round(summary["new_tokens"] / seconds, 2),
             "jobs_per_second": round(summary["answered"] / seconds, 3),
-            "answered": summary["answered"], "failed": summary["failed"], "new_tokens": summary["new_tokens"]}  # fmt: skip
+            "answered": summary["answered"], "failed": summary["failed"], "new_tokens": summary["new_tokens"],
+            "breakdown": breakdown(timeline.rows(), wall, end)}  # fmt: skip
+
+
+def breakdown(rows: list[dict], start: float, end: float) -> dict:
+    """Seconds from the run's start to each step (the load's parts, the first answer), the load's parts, and the
+    steady-state rate: jobs and new tokens per second from the first answer to the last (the fixed start left out)."""
+    first = {}
+    for row in rows:
+        first.setdefault(row["what"], row)
+    ends = [row for row in rows if row["what"] == "job_end"]
+    since = {what: row["t"] - start for what, row in first.items()}
+    started = first.get("load_start", {}).get("process_started")
+    if started is not None:  # < 0: the process started before the run (Ray starts workers ahead)
+        since["process_started"] = started - start
+    out = {"first_at_s": {what: round(value, 3) for what, value in sorted(since.items(), key=lambda item: item[1])}}
+    out["torch_threads"] = first.get("device_ready", {}).get("torch_threads")
+    steps = ("load_start", "imports_done", "device_ready", "load_end")
+    if all(step in since for step in steps):
+        out.update(imports_s=since["imports_done"] - since["load_start"],
+                   device_start_s=since["device_ready"] - since["imports_done"],
+                   model_build_s=since["load_end"] - since["device_ready"],
+                   model_load_s=since["load_end"] - since["load_start"])  # fmt: skip
+    if len(ends) > 1:
+        span = ends[-1]["t"] - ends[0]["t"]
+        out.update(steady_seconds=span, steady_jobs_per_second=(len(ends) - 1) / span,
+                   steady_tokens_per_second=sum(row["new_tokens"] for row in ends[1:]) / span,
+                   last_answer_to_end_s=end - ends[-1]["t"])  # fmt: skip
+    out["document_seconds"] = document_seconds(rows)
+    out["idle_between_jobs_s"] = idle_between_jobs(rows)
+    return {key: round(value, 3) if isinstance(value, float) else value for key, value in out.items()}
+
+
+def idle_between_jobs(rows: list[dict]) -> float:
+    """Seconds each model process spent between one job's end and its next job's start (for Ray: the hand-over
+    of documents between the driver, Ray Data and the actor), summed over the processes."""
+    idle, last_end = 0.0, {}
+    for row in rows:
+        if row["what"] == "job_end":
+            last_end[row["pid"]] = row["t"]
+        elif row["what"] == "job_start" and row["pid"] in last_end:
+            idle += row["t"] - last_end.pop(row["pid"])
+    return idle
+
+
+def document_seconds(rows: list[dict]) -> list[float]:
+    """Each document's seconds from its first job's start to its last job's end, less a model load inside it."""
+    spans: dict[str, list[float]] = {}
+    loads: dict[str, float] = {}
+    current, load_started = {}, {}
+    for row in rows:
+        pid, what = row["pid"], row["what"]
+        if what in ("job_start", "job_end"):
+            spans.setdefault(row["document"], []).append(row["t"])
+            current[pid] = row["document"]
+        elif what == "load_start":
+            load_started[pid] = row["t"]
+        elif what == "load_end" and pid in current and pid in load_started:
+            loads[current[pid]] = loads.get(current[pid], 0.0) + row["t"] - load_started.pop(pid)
+    return [round(max(times) - min(times) - loads.get(doc, 0.0), 2) for doc, times in spans.items()]
 
 
 def warm_up(load: RandomModel, settings: Settings, folder: Path) -> None:
@@ -99,7 +260,7 @@ def warm_up(load: RandomModel, settings: Settings, folder: Path) -> None:
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def both_paths(args, load: RandomModel, settings: Settings, folder: Path) -> dict:
+def both_paths(args, load: RandomModel, settings: Settings, folder: Path, driver_start: dict) -> dict:
     """The same jobs on the local path, then on Ray (its start timed apart: a cluster is started once, not per batch)."""
     import gc
 
@@ -109,13 +270,18 @@ def both_paths(args, load: RandomModel, settings: Settings, folder: Path) -> dic
 
     jobs = read_jobs(write_jobs(folder, args.docs, args.jobs_per_doc, args.doc_words))
     local_out, ray_out = folder / "local.jsonl", folder / "ray.jsonl"
-    local = measure("local", lambda: run_batch(jobs, local_out, ModelRunner(load, jobs, settings), settings))
+    timeline = Timeline(folder / "timeline.jsonl", "local")
+    runner = TimedRunner(ModelRunner(TimedLoad(load, timeline), jobs, settings), timeline)
+    local = measure("local", lambda: run_batch(jobs, local_out, runner, settings), timeline)
+    del runner
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     start = time.perf_counter()
     connect("local")
     ray_start = time.perf_counter() - start
-    ray_path = measure("ray", lambda: run_ray_batch(jobs, ray_out, Runners(load, settings), settings, actors=args.actors))
+    runners = Runners(TimedLoad(load, Timeline(folder / "timeline.jsonl", "ray")), settings)
+    ray_path = measure("ray", lambda: run_ray_batch(jobs, ray_out, runners, settings, actors=args.actors),
+                       runners.load.timeline)  # fmt: skip
     ray_path.update(ray_start_seconds=round(ray_start, 2), seconds_with_start=round(ray_path["seconds"] + ray_start, 2))
     rows = [[json.loads(line) for line in path.read_text().splitlines()] for path in (local_out, ray_out)]
     with_start = ray_path["new_tokens"] / ray_path["seconds_with_start"]
@@ -124,9 +290,18 @@ def both_paths(args, load: RandomModel, settings: Settings, folder: Path) -> dic
         "ray": ray_path,
         "ray_over_local_throughput": round(ray_path["tokens_per_second"] / local["tokens_per_second"], 3),
         "ray_over_local_throughput_with_ray_start": round(with_start / local["tokens_per_second"], 3),
+        "ray_over_local_steady_throughput": steady_ratio(local, ray_path),
+        "ray_over_local_throughput_counting_local_start": round(
+            (local["seconds"] + sum(driver_start.values())) / ray_path["seconds"], 3),
         "same_answers": [r["answer"] for r in rows[0]] == [r["answer"] for r in rows[1]],
         "prompt_tokens_per_job": [min(r["prompt_tokens"] for r in rows[0]), max(r["prompt_tokens"] for r in rows[0])],
     }
+
+
+def steady_ratio(local: dict, ray_path: dict) -> float | None:
+    """Ray's steady-state new tokens per second over the local path's (the fixed starts left out)."""
+    rates = [path["breakdown"].get("steady_tokens_per_second") for path in (local, ray_path)]
+    return round(rates[1] / rates[0], 3) if all(rates) else None
 
 
 def environment() -> dict:
@@ -160,10 +335,12 @@ def main() -> None:
     settings = Settings(f"{args.model} (random weights)", args.method, args.ratio, max_new_tokens=args.max_new_tokens,
                         truncate=True)  # fmt: skip
     load = RandomModel(args.model, str(Path(args.tokenizer).resolve()))
-    result = {"command": "python " + " ".join(sys.argv), "environment": environment(), "settings": vars(args)}
+    driver_start = timed_start()
+    result = {"command": "python " + " ".join(sys.argv), "environment": environment(), "settings": vars(args),
+              "driver_start": driver_start}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         warm_up(load, settings, Path(tmp))
-        result.update(both_paths(args, load, settings, Path(tmp)))
+        result.update(both_paths(args, load, settings, Path(tmp), driver_start))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
