@@ -66,9 +66,9 @@ def stack_group(parent: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn
     start = 0
     for m in linears:  # the originals become views of the stacked storage: same values, no second copy
         rows = slice(start, start + m.out_features)
-        m.weight = nn.Parameter(weight[rows], requires_grad=False)
+        m.weight = nn.Parameter(weight[rows], requires_grad=m.weight.requires_grad)
         if bias is not None:
-            m.bias = nn.Parameter(bias[rows], requires_grad=False)
+            m.bias = nn.Parameter(bias[rows], requires_grad=m.bias.requires_grad)
         start += m.out_features
     siblings = [Handed(m) for m in linears[1:]]
     first = StackedFirst(weight, bias, [m.out_features for m in linears], siblings)
@@ -76,16 +76,25 @@ def stack_group(parent: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn
 
 
 def replacements(model) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
-    """(parent, name, original, replacement) for every group of every layer; stacked once per model."""
+    """(parent, name, original, replacement) for every group of every layer; stacked once per model.
+
+    Stacked outside inference mode: the model's own weights become views of the stacked matrices, and a
+    weight made in inference mode would break any later forward that autograd records.
+    """
     if model not in _stacked:
-        found = []
-        for layer in getattr(getattr(model, "model", model), "layers", []):
-            for child, names in GROUPS:
-                parent = getattr(layer, child, None)
-                swaps = None if parent is None else stack_group(parent, names)
-                found += [(parent, name, getattr(parent, name), new) for name, new in swaps or []]
-        _stacked[model] = found
+        with torch.inference_mode(False), torch.no_grad():
+            _stacked[model] = _stack_layers(model)
     return _stacked[model]
+
+
+def _stack_layers(model) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
+    found = []
+    for layer in getattr(getattr(model, "model", model), "layers", []):
+        for child, names in GROUPS:
+            parent = getattr(layer, child, None)
+            swaps = None if parent is None else stack_group(parent, names)
+            found += [(parent, name, getattr(parent, name), new) for name, new in swaps or []]
+    return found
 
 
 @contextlib.contextmanager

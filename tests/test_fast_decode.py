@@ -101,3 +101,6 @@ def test_decode_steps_run_q_k_v_and_gate_up_as_one_product_each_and_leave_the_mo
     assert [attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj] == originals
     storage = {m.weight.untyped_storage().data_ptr() for m in originals[:3]}
     assert len(storage) == 1, "q, k and v weights are views of one stacked matrix (no second copy)"
+    model(prompt[:, :5]).logits.sum().backward()  # the stacked weights were not made in inference mode
+    assert attention.k_proj.weight.grad is not None
+    model.zero_grad(set_to_none=True)
