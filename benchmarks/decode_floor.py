@@ -25,6 +25,7 @@ from chunkkv_cli.generate import new_target, prefill
 from chunkkv_cli.model import build_random_model
 from chunkkv_cli.pipeline import recall_state
 from chunkkv_cli.profiles import load_profile
+from profile_decode import cuda_ms  # noqa: E402  (this folder is on the path when a script here runs)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs a smoke test of the script only
 
@@ -32,27 +33,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs a smoke 
 def sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-
-
-def graph_ms(fn, iters: int = 20) -> float:
-    """Milliseconds per call of `fn` replayed from a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def gemv_rows(model, bandwidth: float) -> list[dict]:
@@ -65,7 +45,7 @@ def gemv_rows(model, bandwidth: float) -> list[dict]:
     rows = []
 
     def add(name, weights, inp):
-        ms = graph_ms(lambda: [torch.nn.functional.linear(inp, w) for w in weights])
+        ms = cuda_ms(lambda: [torch.nn.functional.linear(inp, w) for w in weights])
         n_bytes = sum(w.numel() * w.element_size() for w in weights)
         rows.append({"name": name, "ms": ms, "bytes": n_bytes, "of_copy_bandwidth": n_bytes / (ms / 1000) / bandwidth})
 
