@@ -37,7 +37,7 @@ class StackedFirst(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
         for sibling, part in zip(self.siblings, parts[1:]):
-            sibling.handed = part
+            sibling.handed = (x, part)
         return parts[0]
 
 
@@ -47,11 +47,13 @@ class Handed(nn.Module):
     def __init__(self, original: nn.Linear):
         super().__init__()
         self.original = original
-        self.handed: torch.Tensor | None = None
+        self.handed: tuple[torch.Tensor, torch.Tensor] | None = None  # (the input it was computed from, the slice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, self.handed = self.handed, None
-        return self.original(x) if out is None else out
+        handed, self.handed = self.handed, None
+        if handed is None or handed[0] is not x:  # a model that calls this one first, or on another input
+            return self.original(x)
+        return handed[1]
 
 
 def stack_group(parent: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.Module]] | None:
