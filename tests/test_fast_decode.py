@@ -104,3 +104,19 @@ def test_decode_steps_run_q_k_v_and_gate_up_as_one_product_each_and_leave_the_mo
     model(prompt[:, :5]).logits.sum().backward()  # the stacked weights were not made in inference mode
     assert attention.k_proj.weight.grad is not None
     model.zero_grad(set_to_none=True)
+
+
+def test_a_stacked_sibling_never_returns_a_slice_of_another_input(model):
+    from chunkkv_cli.fused_projections import stacked_projections
+
+    attention = model.model.layers[0].self_attn
+    x, y = torch.randn(1, 1, 64), torch.randn(1, 1, 64)
+    k_weight = attention.k_proj.weight
+    with torch.no_grad(), stacked_projections(model):
+        alone = attention.k_proj(x)  # called before q: its own product
+        attention.q_proj(x)
+        other = attention.k_proj(y)  # q ran on x, not y
+        attention.q_proj(x)
+        handed = attention.k_proj(x)
+    for got, inp in ((alone, x), (other, y), (handed, x)):
+        torch.testing.assert_close(got, torch.nn.functional.linear(inp, k_weight))
