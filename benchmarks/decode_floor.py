@@ -19,13 +19,10 @@ import time
 import torch
 
 from chunkkv_cli.bench import copy_bandwidth
-from chunkkv_cli.compress import make_compressor
 from chunkkv_cli.fast_decode import FastDecoder
-from chunkkv_cli.generate import new_target, prefill
 from chunkkv_cli.model import build_random_model
-from chunkkv_cli.pipeline import recall_state
 from chunkkv_cli.profiles import load_profile
-from profile_decode import cuda_ms  # noqa: E402  (this folder is on the path when a script here runs)
+from profile_decode import cuda_ms, prefilled  # noqa: E402  (this folder is on the path when a script here runs)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs a smoke test of the script only
 
@@ -98,14 +95,7 @@ def kernel_breakdown(decoder, token) -> dict:
 
 
 def decoder_row(model, method, seq, ratio, batch, decoder, steps, bandwidth) -> dict:
-    ids = torch.randint(0, model.config.vocab_size, (1, seq), device=DEVICE)
-    compressor = make_compressor(method, budget=1024) if method == "clusterkv" else make_compressor(method, ratio=ratio)
-    target = new_target(model, compressor)
-    pre = prefill(model, ids, [target])
-    for layer in target.cache.layers:
-        layer.batch_repeat_interleave(batch)
-    recall = recall_state(compressor, target.cache)
-    kv = sum(t.numel() * t.element_size() for layer in target.cache.layers for t in (layer.keys, layer.values))
+    target, pre, recall, kv = prefilled(model, method, seq, ratio, batch)
     kv_read = kv if recall is None else kv * min(1.0, 1024 / seq)
     token = pre.logits.argmax(-1).repeat_interleave(batch)
     del pre

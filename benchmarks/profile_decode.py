@@ -109,10 +109,10 @@ def kernel_table(decoder, rows=25) -> tuple[float, str]:
     return total, events.table(sort_by="cuda_time_total", row_limit=rows)
 
 
-def decoder_timing(
-    model, method: str, seq: int, ratio: float, batch: int, steps: int, compile: bool, print_table: bool = False
-) -> dict:
-    ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda")
+def prefilled(model, method: str, seq: int, ratio: float, batch: int):
+    """A random `seq`-token prompt prefilled with `method` (ClusterKV: budget 1024), its cache copied to `batch`
+    sequences: (target, prefill result, the per-step route or None, cache bytes)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), device=next(model.parameters()).device)
     compressor = make_compressor(method, budget=1024) if method == "clusterkv" else make_compressor(method, ratio=ratio)
     target = new_target(model, compressor)
     pre = prefill(model, ids, [target])
@@ -120,6 +120,13 @@ def decoder_timing(
         layer.batch_repeat_interleave(batch)
     recall = recall_state(compressor, target.cache)
     kv_bytes = sum(t.numel() * t.element_size() for layer in target.cache.layers for t in (layer.keys, layer.values))
+    return target, pre, recall, kv_bytes
+
+
+def decoder_timing(
+    model, method: str, seq: int, ratio: float, batch: int, steps: int, compile: bool, print_table: bool = False
+) -> dict:
+    target, pre, recall, kv_bytes = prefilled(model, method, seq, ratio, batch)
     torch.cuda.synchronize()
     start = time.perf_counter()
     decoder = FastDecoder(model, target.cache, seq, steps + 8, compile=compile, recall=recall)
