@@ -116,6 +116,26 @@ if triton is not None:
         )
 
     @triton.jit
+    def attend_block(q, k, v, inside, scaling, best, total, acc):
+        """One block of keys and values folded into a split's running max, sum and weighted values (online softmax)."""
+        scores = tl.dot(q, tl.trans(k)) * scaling
+        scores = tl.where(inside[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, 1))
+        rescale = tl.exp(best - new_best)
+        p = tl.exp(scores - new_best[:, None])
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        total = total * rescale + tl.sum(p, 1)
+        return new_best, total, acc
+
+    @triton.jit
+    def store_split(PARTIAL, STATS, program, acc, best, total, GROUP_PAD: tl.constexpr, D: tl.constexpr):
+        """A split's partial output and (max, sum), for `_merge_splits`; `program`: (sequence-head) * SPLITS + split."""
+        slot = program * GROUP_PAD + tl.arange(0, GROUP_PAD)
+        tl.store(PARTIAL + slot[:, None] * D + tl.arange(0, D)[None, :], acc)
+        tl.store(STATS + slot * 2, best)
+        tl.store(STATS + slot * 2 + 1, total)
+
+    @triton.jit
     def _split_attention(
         Q, K, V, LENGTHS, INDEX, PARTIAL, STATS,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ib, stride_ih,
@@ -127,7 +147,6 @@ if triton is not None:
         split = tl.program_id(1)
         b = seq_head // KV_HEADS
         h = seq_head % KV_HEADS
-        rows = tl.arange(0, GROUP_PAD)
         dims = tl.arange(0, D)
         q = load_group_query(Q + b * stride_qb, h, stride_qh, GROUP, GROUP_PAD, D)
         length = tl.load(LENGTHS + b)
@@ -148,19 +167,9 @@ if triton is not None:
             else:
                 rows_at = cols
             k = tl.load(k_base + rows_at[:, None] * stride_kn + dims[None, :], mask=inside[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k)) * scaling
-            scores = tl.where(inside[None, :], scores, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, 1))
-            rescale = tl.exp(best - new_best)
-            p = tl.exp(scores - new_best[:, None])
             v = tl.load(v_base + rows_at[:, None] * stride_vn + dims[None, :], mask=inside[:, None], other=0.0)
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
-            total = total * rescale + tl.sum(p, 1)
-            best = new_best
-        slot = (seq_head * SPLITS + split) * GROUP_PAD + rows
-        tl.store(PARTIAL + slot[:, None] * D + dims[None, :], acc)
-        tl.store(STATS + slot * 2, best)
-        tl.store(STATS + slot * 2 + 1, total)
+            best, total, acc = attend_block(q, k, v, inside, scaling, best, total, acc)
+        store_split(PARTIAL, STATS, seq_head * SPLITS + split, acc, best, total, GROUP_PAD, D)
 
     @triton.jit
     def _merge_splits(

@@ -17,7 +17,7 @@ try:
     import triton
     import triton.language as tl
 
-    from chunkkv_cli.decode_kernel import _merge_splits
+    from chunkkv_cli.decode_kernel import _merge_splits, attend_block, load_group_query, store_split
 except ImportError:  # CPU wheels of torch come without Triton
     triton = None
 
@@ -70,9 +70,8 @@ if triton is not None:
     ):  # fmt: skip
         h = tl.program_id(0)
         split = tl.program_id(1)
-        rows = tl.arange(0, GROUP_PAD)
         dims = tl.arange(0, D)
-        q = tl.load(Q + (h * GROUP + rows)[:, None] * stride_qh + dims[None, :], mask=rows[:, None] < GROUP, other=0.0)
+        q = load_group_query(Q, h, stride_qh, GROUP, GROUP_PAD, D)
         first = tl.load(OFFSETS + h)
         n_prefix = tl.load(OFFSETS + h + 1) - first
         length = n_prefix + tl.load(TAIL_LEN)
@@ -89,17 +88,7 @@ if triton is not None:
             tail_row = (cols - n_prefix)[:, None]
             k = tl.load(PK + (first + cols)[:, None] * stride_pk + dims[None, :], mask=in_prefix & inside[:, None], other=0.0)
             k += tl.load(TK + h * stride_tkh + tail_row * stride_tkn + dims[None, :], mask=in_tail, other=0.0)
-            scores = tl.dot(q, tl.trans(k)) * scaling
-            scores = tl.where(inside[None, :], scores, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, 1))
-            rescale = tl.exp(best - new_best)
-            p = tl.exp(scores - new_best[:, None])
             v = tl.load(PV + (first + cols)[:, None] * stride_pv + dims[None, :], mask=in_prefix & inside[:, None], other=0.0)
             v += tl.load(TV + h * stride_tvh + tail_row * stride_tvn + dims[None, :], mask=in_tail, other=0.0)
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
-            total = total * rescale + tl.sum(p, 1)
-            best = new_best
-        slot = (h * SPLITS + split) * GROUP_PAD + rows
-        tl.store(PARTIAL + slot[:, None] * D + dims[None, :], acc)
-        tl.store(STATS + slot * 2, best)
-        tl.store(STATS + slot * 2 + 1, total)
+            best, total, acc = attend_block(q, k, v, inside, scaling, best, total, acc)
+        store_split(PARTIAL, STATS, h * SPLITS + split, acc, best, total, GROUP_PAD, D)
