@@ -1,18 +1,17 @@
-"""`chunkkv batch` on the local path vs on Ray Data (`--ray`), one process, one GPU, the same jobs and weights.
+"""`chunkkv batch` on the local path vs on Ray Data (`--ray`), one GPU, the same jobs and weights.
 
 Random weights of a profile's shape (llama3-8b by default) with the SmolLM2 tokenizer (its ids fit any larger
-vocabulary), documents of synthetic text cut to the context (`truncate`), jobs grouped 8 per document. Both paths
-load their own model (the local one in this process, Ray's in its one GPU actor) and run the same `ModelRunner`;
-a short warm-up first compiles the Triton kernels, so neither path pays for it. Reported: end-to-end seconds
-(model load included; `ray_start_seconds`, the `ray.init`, apart), new tokens per second, whether the answers agree,
-and per path a `breakdown` from wall-clock marks the model's process writes (the actor's too; one host, one clock):
+vocabulary), documents of synthetic text cut to the context (`truncate`), jobs grouped 8 per document. Each path
+runs in fresh processes, as users meet them: the local path is this script again in a child process (timed from
+its spawn: imports, CUDA start, model load and the jobs, as `chunkkv batch` pays them), Ray's model lives in its
+actor, also a fresh process (the cluster's start, `ray.init`, is timed apart: a cluster is started once, not per
+batch). A short warm-up in another child first compiles the Triton kernels into their disk cache, so neither path
+pays for that. Both run the same `ModelRunner`. Reported: end-to-end seconds, new tokens per second, whether the
+answers agree, and per path a `breakdown` from wall-clock marks the model's process writes (one host, one clock):
 when each step first happened after the run's start (`first_at_s`: `process_started`, Ray's `actor_unpickled`,
 `load_start`, `imports_done`, `device_ready`, `load_end`, `job_end` = the first answer), the load's parts (`imports_s`,
 `device_start_s`, `model_build_s`), the steady state from the first answer to the last (`steady_jobs_per_second`,
-`steady_tokens_per_second`), each document's seconds, and the seconds the model's process sat between jobs. The
-local path's imports and CUDA start happened before its timing (this process paid them at its own start, reported
-as `driver_start`); a Ray actor is a fresh process and pays them inside its run. The ratio of the local path
-with `driver_start` added is reported too (`..._counting_local_start`).
+`steady_tokens_per_second`), each document's seconds, and the seconds the model's process sat between jobs.
 
     python benchmarks/ray_batch.py --tokenizer .devcarry/tokenizer --out benchmarks/results/ray_batch_h200.json
     (on the GPU machine, which has no ray: benchmarks/ray_bundle.sh packs one small enough to carry)
@@ -116,14 +115,6 @@ def sync() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def timed_start() -> dict:
-    """This process's own `start_steps`, timed as an actor's are: what the local path paid before its timing."""
-    marks = [time.perf_counter()]
-    start_steps(lambda: marks.append(time.perf_counter()))
-    marks.append(time.perf_counter())
-    return {"imports_s": round(marks[1] - marks[0], 3), "device_start_s": round(marks[2] - marks[1], 3)}
 
 
 class TimedRunner:
@@ -251,39 +242,48 @@ def document_seconds(rows: list[dict]) -> list[float]:
     return [round(max(times) - min(times) - loads.get(doc, 0.0), 2) for doc, times in spans.items()]
 
 
-def warm_up(load: RandomModel, settings: Settings, folder: Path) -> None:
-    """One short job in this process: Triton compiles (and caches on disk) before either path is timed."""
-    import torch
+def child(args, role: str, folder: Path) -> None:
+    """This script again in a fresh process (`--role`): the warm-up, or the local path as a user's `chunkkv batch`."""
+    import subprocess
 
-    jobs = read_jobs(write_jobs(folder, 1, 1, 200))
-    run_batch(jobs, folder / "warm.jsonl", ModelRunner(load, jobs, settings), settings)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    command = [sys.executable, __file__, "--role", role, "--folder", str(folder)] + sys.argv[1:]
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def both_paths(args, load: RandomModel, settings: Settings, folder: Path, driver_start: dict) -> dict:
-    """The same jobs on the local path, then on Ray (its start timed apart: a cluster is started once, not per batch)."""
-    import gc
+def run_role(args, settings: Settings, folder: Path) -> None:
+    """In the child: `warm` runs one short job (Triton compiles into its disk cache, so neither timed path pays for
+    it); `local` runs the jobs on the local path, its model loaded inside the timing as an actor's is."""
+    load = RandomModel(args.model, str(Path(args.tokenizer).resolve()))
+    if args.role == "warm":
+        (folder / "warm").mkdir()
+        jobs = read_jobs(write_jobs(folder / "warm", 1, 1, 200))
+        run_batch(jobs, folder / "warm.jsonl", ModelRunner(load, jobs, settings), settings)
+        return
+    jobs = read_jobs(folder / "jobs.jsonl")
+    timeline = Timeline(folder / "timeline.jsonl", "local")
+    runner = TimedRunner(ModelRunner(TimedLoad(load, timeline), jobs, settings), timeline)
+    summary = run_batch(jobs, folder / "local.jsonl", runner, settings)
+    (folder / "local_summary.json").write_text(json.dumps(summary))
 
-    import torch
 
+def both_paths(args, settings: Settings, folder: Path) -> dict:
+    """The same jobs on the local path, in a fresh process timed from its spawn (imports, CUDA start and model load
+    inside, as a user's `chunkkv batch` pays them), then on Ray, whose actors are fresh processes too (the cluster's
+    start, `ray.init`, timed apart: a cluster is started once, not per batch)."""
     from chunkkv_cli.ray_batch import connect, run_ray_batch
 
     jobs = read_jobs(write_jobs(folder, args.docs, args.jobs_per_doc, args.doc_words))
-    local_out, ray_out = folder / "local.jsonl", folder / "ray.jsonl"
-    timeline = Timeline(folder / "timeline.jsonl", "local")
-    runner = TimedRunner(ModelRunner(TimedLoad(load, timeline), jobs, settings), timeline)
-    local = measure("local", lambda: run_batch(jobs, local_out, runner, settings), timeline)
-    del runner
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    local = measure("local", lambda: child(args, "local", folder) or json.loads((folder / "local_summary.json").read_text()),
+                    Timeline(folder / "timeline.jsonl", "local"))  # fmt: skip
     start = time.perf_counter()
     connect("local")
     ray_start = time.perf_counter() - start
+    load = RandomModel(args.model, str(Path(args.tokenizer).resolve()))
     runners = Runners(TimedLoad(load, Timeline(folder / "timeline.jsonl", "ray")), settings)
-    ray_path = measure("ray", lambda: run_ray_batch(jobs, ray_out, runners, settings, actors=args.actors),
+    ray_path = measure("ray", lambda: run_ray_batch(jobs, folder / "ray.jsonl", runners, settings, actors=args.actors),
                        runners.load.timeline)  # fmt: skip
     ray_path.update(ray_start_seconds=round(ray_start, 2), seconds_with_start=round(ray_path["seconds"] + ray_start, 2))
-    rows = [[json.loads(line) for line in path.read_text().splitlines()] for path in (local_out, ray_out)]
+    rows = [[json.loads(line) for line in (folder / name).read_text().splitlines()] for name in ("local.jsonl", "ray.jsonl")]
     with_start = ray_path["new_tokens"] / ray_path["seconds_with_start"]
     return {
         "local": local,
@@ -291,8 +291,6 @@ def both_paths(args, load: RandomModel, settings: Settings, folder: Path, driver
         "ray_over_local_throughput": round(ray_path["tokens_per_second"] / local["tokens_per_second"], 3),
         "ray_over_local_throughput_with_ray_start": round(with_start / local["tokens_per_second"], 3),
         "ray_over_local_steady_throughput": steady_ratio(local, ray_path),
-        "ray_over_local_throughput_counting_local_start": round(
-            (local["seconds"] + sum(driver_start.values())) / ray_path["seconds"], 3),
         "same_answers": [r["answer"] for r in rows[0]] == [r["answer"] for r in rows[1]],
         "prompt_tokens_per_job": [min(r["prompt_tokens"] for r in rows[0]), max(r["prompt_tokens"] for r in rows[0])],
     }
@@ -331,16 +329,17 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--actors", type=int, default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--role", choices=("warm", "local"), help=argparse.SUPPRESS)  # set for this script's children
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     settings = Settings(f"{args.model} (random weights)", args.method, args.ratio, max_new_tokens=args.max_new_tokens,
                         truncate=True)  # fmt: skip
-    load = RandomModel(args.model, str(Path(args.tokenizer).resolve()))
-    driver_start = timed_start()
-    result = {"command": "python " + " ".join(sys.argv), "environment": environment(), "settings": vars(args),
-              "driver_start": driver_start}  # fmt: skip
+    if args.role:
+        return run_role(args, settings, Path(args.folder))
+    result = {"command": "python " + " ".join(sys.argv), "environment": environment(), "settings": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
-        warm_up(load, settings, Path(tmp))
-        result.update(both_paths(args, load, settings, Path(tmp), driver_start))
+        child(args, "warm", Path(tmp))
+        result.update(both_paths(args, settings, Path(tmp)))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -8,8 +8,10 @@ write (`SlotBuffers.update`) and attention (`engine.compressing_attention`), are
 graph for every layer and every cache length, so Inductor compiles it once per model shape and batch
 size, and its on-disk cache (under chunkkv's cache folder) serves later runs.
 
-Dynamo still re-traces the attention module once per layer (it reads `layer_idx` to pass it on); those
-traces give identical graphs, which Inductor's cache answers, so they cost tracing only.
+The attention module passes its `layer_idx` on to those calls; Dynamo would specialize on that integer and
+trace every layer again (a second or so each at 8B). Here it is taken as an input (`allow_unspec_int_on_nn_module`,
+and `dynamic=None`, so the first layer's trace is kept and the second makes the integer symbolic), so the number
+of traces does not grow with the depth.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ import torch
 
 _regions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-# Dynamo's default recompile limit (8) is below one re-trace per layer of a deep model.
-_DYNAMO_SETTINGS = {"recompile_limit": 1024, "accumulated_recompile_limit": 8192}
+_DYNAMO_SETTINGS = {"allow_unspec_int_on_nn_module": True, "recompile_limit": 64}
 
 
 def use_persistent_cache() -> Path:
@@ -59,7 +60,7 @@ def _compiled_forwards(model) -> list[tuple[torch.nn.Module, object]]:
 
         inductor.coordinate_descent_tuning = bool(os.environ.get("CHUNKKV_COMPILE_TUNING"))
         _regions[model] = [
-            (module, torch.compile(type(module).forward.__get__(module), dynamic=False))
+            (module, torch.compile(type(module).forward.__get__(module), dynamic=None))
             for module in repeated_modules(model)
         ]
     return _regions[model]

@@ -22,6 +22,7 @@ except ImportError:  # CPU wheels of torch come without Triton
 
 BLOCK_N = 64
 TARGET_PROGRAMS = 256  # enough thread blocks to occupy every SM a few times over
+NUM_WARPS = 4
 
 
 def available(device: torch.device, head_dim: int) -> bool:
@@ -95,7 +96,7 @@ def _launch(query, key, value, lengths, scaling: float, index: torch.Tensor | No
         value.stride(0), value.stride(1), value.stride(2), positions.stride(0), positions.stride(1),
         n_index, tail_start, scaling,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, D=d, BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits,
-        HAS_INDEX=index is not None,
+        HAS_INDEX=index is not None, num_warps=NUM_WARPS,
     )
     out = torch.empty(b, 1, q_heads, d, device=query.device, dtype=query.dtype)
     _merge_splits[(b * kv_heads, group)](

@@ -60,16 +60,17 @@ def test_unknown_decoder_is_rejected(model, prompt):
         greedy(model, prompt, "chunkkv", "turbo")
 
 
-def compiled_misses(shape: dict, prompt, cache_dir, monkeypatch) -> tuple[torch.Tensor, int]:
-    """Greedy tokens of the compiled decoder on a model of `shape`, and how many graphs Inductor built for it."""
+def compiled_misses(shape: dict, prompt, cache_dir, monkeypatch) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Greedy tokens of the compiled decoder on a model of `shape`, and how many graphs Dynamo traced and Inductor built."""
     from torch._dynamo.utils import counters
 
     from tests.conftest import tiny_model
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
-    before = counters["inductor"]["fxgraph_cache_miss"]
+    before = counters["stats"]["unique_graphs"], counters["inductor"]["fxgraph_cache_miss"]
     tokens = greedy(tiny_model(**shape), prompt[:1], "chunkkv", "compiled", new_tokens=4)
-    return tokens, counters["inductor"]["fxgraph_cache_miss"] - before
+    after = counters["stats"]["unique_graphs"], counters["inductor"]["fxgraph_cache_miss"]
+    return tokens, (after[0] - before[0], after[1] - before[1])
 
 
 @pytest.mark.slow  # compiles on the CPU (tens of seconds)
@@ -81,7 +82,9 @@ def test_compiled_decoder_equals_fast_and_compiles_once_whatever_the_depth(promp
     for name, shape in shapes.items():
         tokens, builds[name] = compiled_misses(shape, prompt, tmp_path / name, monkeypatch)
         assert torch.equal(tokens, greedy(tiny_model(**shape), prompt[:1], "chunkkv", "fast", new_tokens=4))
-    assert 0 < builds["deep"] == builds["shallow"]  # a graph that held a layer's own cache or index would differ per layer
+    (traced_deep, built_deep), (traced_shallow, built_shallow) = builds["deep"], builds["shallow"]
+    assert 0 < built_deep == built_shallow  # a graph holding a layer's own cache or index would be built per layer
+    assert traced_deep <= traced_shallow + 1  # a guard on layer_idx would trace each of the 4 more layers again
 
 
 def test_decode_steps_run_q_k_v_and_gate_up_as_one_product_each_and_leave_the_model_as_it_was(model, prompt):
