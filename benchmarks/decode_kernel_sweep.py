@@ -103,8 +103,10 @@ def main() -> None:
     shapes = {"chunkkv_b1_32k": (1, 3277, None), "chunkkv_b1_128k": (1, 13107, None),
               "fullkv_b8_32k": (8, 32768, None), "clusterkv_b8_32k": (8, 32768, 1024)}  # fmt: skip
     rows = []
+    indexed_grid = {"INDEXED_TARGET_PROGRAMS": [256, 512, 1024, 2048], "BLOCK_N": [32, 64, 128], "INDEXED_WARPS": [2, 4, 8]}
     for name, (batch, kept, index) in shapes.items():
-        rows += sweep(name, dense_calls(batch, kept, index), decode_kernel, attention_grid)
+        grid = attention_grid if index is None else indexed_grid
+        rows += sweep(name, dense_calls(batch, kept, index), decode_kernel, grid)
         torch.cuda.empty_cache()
     rank_grid = {"RANK_WARPS": [2, 4, 8, 16], "RANK_BLOCK_C": [64, 128, 256], "BLOCK_M": [32, 64, 128]}
     rows += sweep("clusterkv_rank_b8_32k", rank_calls(), cluster_kernels, rank_grid)

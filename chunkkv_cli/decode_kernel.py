@@ -23,6 +23,10 @@ except ImportError:  # CPU wheels of torch come without Triton
 BLOCK_N = 64
 TARGET_PROGRAMS = 256  # enough thread blocks to occupy every SM a few times over
 NUM_WARPS = 4
+# An indexed launch (ClusterKV) reads rows through an index, a dependent load the compiler cannot pipeline: more,
+# smaller programs hide that latency (benchmarks/decode_kernel_sweep.py: 19.3 -> 16.6 us a layer at batch 8, H200).
+INDEXED_TARGET_PROGRAMS = 1024
+INDEXED_WARPS = 2
 
 
 def available(device: torch.device, head_dim: int) -> bool:
@@ -31,10 +35,10 @@ def available(device: torch.device, head_dim: int) -> bool:
     return triton is not None and device.type == "cuda" and power_of_two and not os.environ.get("CHUNKKV_NO_TRITON")
 
 
-def split_plan(capacity: int, batch_heads: int) -> tuple[int, int]:
-    """(splits, tokens per split): enough splits to fill the GPU, each a whole number of blocks."""
+def split_plan(capacity: int, batch_heads: int, target: int | None = None) -> tuple[int, int]:
+    """(splits, tokens per split): about `target` programs to fill the GPU, each split a whole number of blocks."""
     blocks = triton.cdiv(capacity, BLOCK_N)
-    splits = max(1, min(blocks, TARGET_PROGRAMS // max(batch_heads, 1)))
+    splits = max(1, min(blocks, (target or TARGET_PROGRAMS) // max(batch_heads, 1)))
     chunk = triton.cdiv(blocks, splits) * BLOCK_N
     return triton.cdiv(capacity, chunk), chunk
 
@@ -75,6 +79,22 @@ def _(query, key, value, index, lengths, tail_start, scaling):
     return _fake_output(query)
 
 
+def write_slot(key_states, value_states, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor) -> None:
+    """Write one new token's K and V (b, kv_heads, 1, d) at position `slot` (a 0-d tensor) of the buffers.
+
+    One launch for both on the GPU, where two `index_copy_` launches per layer cost more than the bytes they move.
+    """
+    b, heads, _, d = keys.shape
+    if not available(keys.device, d) or key_states.stride(-1) != 1 or keys.stride(-1) != 1:
+        keys.index_copy_(2, slot.view(1), key_states)
+        values.index_copy_(2, slot.view(1), value_states)
+        return
+    _write_slot[(b * heads,)](
+        key_states, value_states, keys, values, slot, *key_states.stride()[:2], *value_states.stride()[:2],
+        *keys.stride()[:3], *values.stride()[:3], HEADS=heads, D=d,
+    )  # fmt: skip
+
+
 def _fake_output(query: torch.Tensor) -> torch.Tensor:
     b, q_heads, _, d = query.shape
     return query.new_empty(b, 1, q_heads, d)
@@ -86,7 +106,9 @@ def _launch(query, key, value, lengths, scaling: float, index: torch.Tensor | No
     n_index = 0 if index is None else index.shape[-1]
     group = q_heads // kv_heads
     group_pad = max(16, triton.next_power_of_2(group))
-    splits, chunk = split_plan(n_index + capacity - tail_start, b * kv_heads)
+    indexed = index is not None
+    target, warps = (INDEXED_TARGET_PROGRAMS, INDEXED_WARPS) if indexed else (TARGET_PROGRAMS, NUM_WARPS)
+    splits, chunk = split_plan(n_index + capacity - tail_start, b * kv_heads, target)
     partial = torch.empty(b * kv_heads * splits, group_pad, d, device=query.device, dtype=torch.float32)
     stats = torch.empty(b * kv_heads * splits, group_pad, 2, device=query.device, dtype=torch.float32)
     positions = key if index is None else index  # unread when there is no index
@@ -96,7 +118,7 @@ def _launch(query, key, value, lengths, scaling: float, index: torch.Tensor | No
         value.stride(0), value.stride(1), value.stride(2), positions.stride(0), positions.stride(1),
         n_index, tail_start, scaling,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, D=d, BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits,
-        HAS_INDEX=index is not None, num_warps=NUM_WARPS,
+        HAS_INDEX=indexed, num_warps=warps,
     )
     out = torch.empty(b, 1, q_heads, d, device=query.device, dtype=query.dtype)
     _merge_splits[(b * kv_heads, group)](
@@ -171,6 +193,20 @@ if triton is not None:
             v = tl.load(v_base + rows_at[:, None] * stride_vn + dims[None, :], mask=inside[:, None], other=0.0)
             best, total, acc = attend_block(q, k, v, inside, scaling, best, total, acc)
         store_split(PARTIAL, STATS, seq_head * SPLITS + split, acc, best, total, GROUP_PAD, D)
+
+    @triton.jit
+    def _write_slot(
+        K_NEW, V_NEW, K, V, SLOT, stride_knb, stride_knh, stride_vnb, stride_vnh,
+        stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, HEADS: tl.constexpr, D: tl.constexpr,
+    ):  # fmt: skip
+        b = tl.program_id(0) // HEADS
+        h = tl.program_id(0) % HEADS
+        slot = tl.load(SLOT)
+        dims = tl.arange(0, D)
+        k = tl.load(K_NEW + b * stride_knb + h * stride_knh + dims)
+        tl.store(K + b * stride_kb + h * stride_kh + slot * stride_kn + dims, k)
+        v = tl.load(V_NEW + b * stride_vnb + h * stride_vnh + dims)
+        tl.store(V + b * stride_vb + h * stride_vh + slot * stride_vn + dims, v)
 
     @triton.jit
     def _merge_splits(

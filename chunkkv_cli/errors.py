@@ -1,4 +1,7 @@
-"""The one error type commands raise; the CLI turns it into a red one-liner and an exit code."""
+"""The one error type commands raise (the CLI turns it into a red one-liner and an exit code), and notes."""
+
+import functools
+import logging
 
 
 class ChunkKVError(Exception):
@@ -7,3 +10,9 @@ class ChunkKVError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+@functools.lru_cache(maxsize=None)
+def note_once(message: str) -> None:
+    """One line on stderr, once per process (a batch of questions would otherwise repeat it)."""
+    logging.getLogger("chunkkv").warning("note: %s", message)

@@ -15,9 +15,10 @@ import time
 import torch
 
 from chunkkv_cli import decode_kernel
-from chunkkv_cli.compiled import compiled_regions, report_compile
+from chunkkv_cli.compiled import StepCount, compiled_regions, report_compile
 from chunkkv_cli.compress.base import gather_tokens, grouped_decode_attention
 from chunkkv_cli.engine import drop_layer, forward
+from chunkkv_cli.errors import note_once
 from chunkkv_cli.fused_projections import stacked_projections
 from chunkkv_cli.route import Route
 
@@ -34,10 +35,9 @@ class SlotBuffers(Route):
     @torch.compiler.disable  # kept out of compiled layers: its buffers and slot differ per layer (`compiled`)
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Write one new token's K/V at this layer's next slot; return the whole buffers."""
-        slot = self.write_pos[layer_idx].view(1)
-        self.keys[layer_idx].index_copy_(2, slot, key_states)
-        self.values[layer_idx].index_copy_(2, slot, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        decode_kernel.write_slot(key_states, value_states, keys, values, self.write_pos[layer_idx])
+        return keys, values
 
     def open_next_slot(self) -> None:
         """Mark every layer's next slot as filled (the new token attends to itself)."""
@@ -105,10 +105,13 @@ class FastDecoder:
     """`step(token) -> logits` over a StaticKV; graph-captured on CUDA at the first step, optionally compiled."""
 
     def __init__(
-        self, model, cache, start_pos: int, new_tokens: int, use_graph: bool | None = None, compile=False, recall=None
+        self, model, cache, start_pos: int, new_tokens: int, use_graph: bool | None = None, compile=False, recall=None,
+        fall_back: bool = False,
     ):
+        """`fall_back`: if compiling fails, decode uncompiled with a one-line note (`auto` chose to compile)."""
         self.model = model
         self.compile = compile
+        self.fall_back = fall_back
         self.static = static_buffers(cache, new_tokens, recall)
         device = self.static.write_pos.device
         batch = self.static.filled.shape[1]
@@ -129,27 +132,46 @@ class FastDecoder:
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         self.token.copy_(token.view(-1, 1))
-        if not self.use_graph:
-            return self._forward()
-        if self.graph is None:
+        StepCount.total += 1
+        if self.graph is None and (self.use_graph or self.compile):
             start = time.perf_counter()
-            self._capture()
+            self._prepare()
             if self.compile:
                 report_compile(time.perf_counter() - start)
+        if not self.use_graph:
+            return self._forward()
         self.graph.replay()
         return self.logits
 
-    def _capture(self) -> None:
-        """Warm up on a side stream (state restored afterwards), then record one step; capture runs nothing."""
+    def _prepare(self) -> None:
+        """Compile (where asked) and capture; a failed compile decodes uncompiled if `fall_back`, else raises."""
+        try:
+            self._capture() if self.use_graph else self._warm_up()
+        except Exception as error:  # Dynamo and Inductor raise many types; any of them means no compiled step
+            if not (self.compile and self.fall_back):
+                raise
+            note_once(f"compiling the decode step failed ({type(error).__name__}): decoding uncompiled (--decoder fast)")
+            self.compile = False
+            self._capture() if self.use_graph else None
+        self.graph = self.graph or False  # prepared: not tried again on the CPU
+
+    def _warm_up(self) -> None:
+        """One step whose effects are undone (slots, lengths, position): compiles, and on a GPU fills the caches."""
         state = (self.static.write_pos, self.static.filled, self.position)
         saved = [t.clone() for t in state]
+        try:
+            self._forward()
+        finally:
+            for live, copy in zip(state, saved):
+                live.copy_(copy)
+
+    def _capture(self) -> None:
+        """Warm up on a side stream, then record one step; capture runs nothing."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._forward()
+            self._warm_up()
         torch.cuda.current_stream().wait_stream(side)
-        for live, copy in zip(state, saved):
-            live.copy_(copy)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()

@@ -12,8 +12,9 @@ import torch
 from transformers import DynamicCache
 
 from chunkkv_cli.blocked import blocked_route, choose_block, in_blocks
+from chunkkv_cli.compiled import compile_pays
 from chunkkv_cli.compress import Compressor
-from chunkkv_cli.errors import ChunkKVError
+from chunkkv_cli.errors import ChunkKVError, note_once
 from chunkkv_cli.compress.base import gather_tokens
 from chunkkv_cli.documents import pass_request_ids
 from chunkkv_cli.engine import CompressionSession, Target, forward, full_range, store_layer, use_compressing_attention
@@ -131,16 +132,19 @@ def hf_step(model, cache, start_pos: int, route=None) -> Callable[[torch.Tensor]
     return step
 
 
-def resolve_decoder(decoder: str, device: torch.device, recall=None, cache=None) -> str:
-    """`auto` is the fast decoder on one GPU; the hf one on the CPU (where fast does not win), with
-    offloading, or when `cache`'s layers lie on several devices (one CUDA graph cannot span them)."""
+def resolve_decoder(decoder: str, device: torch.device, recall=None, cache=None, steps: int = 0) -> str:
+    """`auto` is the hf decoder on the CPU (where fast does not win), with offloading, or when `cache`'s layers lie
+    on several devices (one CUDA graph cannot span them); on one GPU it is `fast`, or `compiled` once the process
+    has run enough steps to repay the compile, counting the `steps` about to run (`compiled.compile_pays`)."""
     offloaded = recall is not None and recall.offloaded
     devices = set() if cache is None else {layer.keys.device for layer in cache.layers if layer.keys is not None}
     sliding = cache is not None and any(is_sliding(layer) for layer in cache.layers)
     if decoder == "auto":
         if sliding and device.type == "cuda" and not offloaded:
             note_once(SLIDING_FALLBACK)
-        return "fast" if device.type == "cuda" and not offloaded and len(devices) <= 1 and not sliding else "hf"
+        if device.type != "cuda" or offloaded or len(devices) > 1 or sliding:
+            return "hf"
+        return "compiled" if compile_pays(steps) else "fast"
     if sliding and decoder != "hf":
         raise ChunkKVError(f"--decoder {decoder}: {SLIDING_FALLBACK.split(': ', 1)[1]}: use --decoder hf or auto")
     if offloaded and decoder != "hf":
@@ -156,12 +160,6 @@ SLIDING_FALLBACK = (
 )
 
 
-@functools.lru_cache(maxsize=None)
-def note_once(message: str) -> None:
-    """One line on stderr, once per process (a batch of questions would otherwise repeat it)."""
-    logging.getLogger("chunkkv").warning("note: %s", message)
-
-
 def make_step(model, cache, start_pos: int, max_new_tokens: int, decoder: str = "hf", recall=None):
     """`step(token) -> logits`; `recall` (a per-step method's decode route) chooses what each step attends to.
 
@@ -169,12 +167,14 @@ def make_step(model, cache, start_pos: int, max_new_tokens: int, decoder: str = 
     same choice for `auto` and the same refusals (offloaded clusters, a cache split over devices).
     """
     device = next(layer.keys.device for layer in cache.layers if layer.keys is not None)
-    decoder = resolve_decoder(decoder, device, recall, cache)
-    if decoder in ("fast", "compiled"):
+    chosen = resolve_decoder(decoder, device, recall, cache, steps=max_new_tokens)
+    if chosen in ("fast", "compiled"):
         from chunkkv_cli.fast_decode import FastDecoder
 
-        return FastDecoder(model, cache, start_pos, max_new_tokens, compile=decoder == "compiled", recall=recall).step
-    if decoder != "hf":
+        return FastDecoder(
+            model, cache, start_pos, max_new_tokens, compile=chosen == "compiled", recall=recall, fall_back=decoder == "auto"
+        ).step
+    if chosen != "hf":
         raise ChunkKVError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     return hf_step(model, cache, start_pos, recall)
 

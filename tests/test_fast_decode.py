@@ -123,3 +123,39 @@ def test_a_stacked_sibling_never_returns_a_slice_of_another_input(model):
         handed = attention.k_proj(x)
     for got, inp in ((alone, x), (other, y), (handed, x)):
         torch.testing.assert_close(got, torch.nn.functional.linear(inp, k_weight))
+
+
+def test_auto_compiles_once_the_process_has_decoded_enough_steps_to_repay_it(monkeypatch):
+    from chunkkv_cli import compiled
+    from chunkkv_cli.generate import resolve_decoder
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(compiled.StepCount, "total", 0)
+    assert resolve_decoder("auto", gpu, steps=256) == "fast"
+    assert resolve_decoder("auto", gpu, steps=compiled.PAYS_AFTER_STEPS) == "compiled"  # one long answer
+    monkeypatch.setattr(compiled.StepCount, "total", compiled.PAYS_AFTER_STEPS - 100)  # many answers so far
+    assert resolve_decoder("auto", gpu, steps=100) == "compiled"
+    assert resolve_decoder("auto", cpu, steps=100) == "hf"
+    assert resolve_decoder("fast", gpu, steps=100) == "fast"
+
+
+def test_a_failed_compile_decodes_uncompiled_with_a_note_when_auto_chose_it(model, prompt, monkeypatch, caplog):
+    from chunkkv_cli import fast_decode
+    from chunkkv_cli.fast_decode import FastDecoder
+
+    def broken(model):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fast_decode, "compiled_regions", broken)
+    expected = greedy(model, prompt, "chunkkv", "fast")
+    for fall_back in (True, False):
+        target = new_target(model, make_compressor("chunkkv", budget=40, window=8))
+        pre = prefill(model, prompt, [target])
+        step = FastDecoder(model, target.cache, PROMPT_LEN, 16, compile=True, fall_back=fall_back).step
+        if not fall_back:
+            with pytest.raises(RuntimeError, match="no compiler"):
+                decode(model, None, pre.logits, PROMPT_LEN, 16, step=step)
+            continue
+        with caplog.at_level("WARNING", logger="chunkkv"):
+            assert torch.equal(decode(model, None, pre.logits, PROMPT_LEN, 16, step=step), expected)
+        assert "compiling the decode step failed (RuntimeError)" in caplog.text
