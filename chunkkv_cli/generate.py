@@ -200,7 +200,7 @@ def decode(
     the cache length. Returns (batch, n_generated); finished sequences are padded with their EOS.
     decoder="fast" moves the cache into static buffers (leaving `cache` empty) and, on CUDA,
     replays each step as a CUDA graph ("compiled" also fuses the model's kernels with torch.compile);
-    "hf" grows `cache` one forward at a time; "auto" is fast on CUDA, hf on the CPU. A ready `step`
+    "hf" grows `cache` one forward at a time; "auto": see `resolve_decoder`. A ready `step`
     (from `make_step`) overrides cache and decoder.
     """
     device = first_logits.device

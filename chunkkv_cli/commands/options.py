@@ -82,9 +82,10 @@ TrustRemoteCodeOpt = Annotated[bool, typer.Option(help="Allow code shipped in a 
 DecoderOpt = Annotated[
     str,
     typer.Option(
-        help="auto (fast on a GPU, hf on the CPU), hf (a transformers forward per token), fast (static cache, "
-        "split-KV attention kernel, one CUDA graph per step) or compiled (fast with each layer compiled by Inductor: "
-        "faster steps after a one-time compile, ~15 s for an 8B model, kept in ~/.cache/chunkkv/inductor).",
+        help="auto (hf on the CPU; on a GPU fast, then compiled once this run has decoded enough tokens to repay "
+        "the compile, ~3,000), hf (a transformers forward per token), fast (static cache, split-KV attention kernel, "
+        "one CUDA graph per step) or compiled (fast with each layer compiled by Inductor: faster steps after a "
+        "one-time compile, a few seconds for an 8B model, kept in ~/.cache/chunkkv/inductor).",
     ),
 ]
 
