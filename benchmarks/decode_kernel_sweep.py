@@ -98,18 +98,24 @@ def sweep(name: str, calls, module, grid: dict) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--only", default="", help="comma-separated shape names (default: all)")
     args = parser.parse_args()
+    wanted = set(filter(None, args.only.split(",")))
     attention_grid = {"TARGET_PROGRAMS": [256, 512, 1024, 2048], "BLOCK_N": [32, 64, 128], "NUM_WARPS": [2, 4, 8]}
     shapes = {"chunkkv_b1_32k": (1, 3277, None), "chunkkv_b1_128k": (1, 13107, None),
               "fullkv_b8_32k": (8, 32768, None), "clusterkv_b8_32k": (8, 32768, 1024)}  # fmt: skip
     rows = []
     indexed_grid = {"INDEXED_TARGET_PROGRAMS": [256, 512, 1024, 2048], "BLOCK_N": [32, 64, 128], "INDEXED_WARPS": [2, 4, 8]}
     for name, (batch, kept, index) in shapes.items():
+        if wanted and name not in wanted:
+            continue
         grid = attention_grid if index is None else indexed_grid
         rows += sweep(name, dense_calls(batch, kept, index), decode_kernel, grid)
         torch.cuda.empty_cache()
-    rank_grid = {"RANK_WARPS": [2, 4, 8, 16], "RANK_BLOCK_C": [64, 128, 256], "BLOCK_M": [32, 64, 128]}
-    rows += sweep("clusterkv_rank_b8_32k", rank_calls(), cluster_kernels, rank_grid)
+    rank_grid = {"RANK_BY_COUNT": [False, True], "RANK_WARPS": [2, 4, 8], "RANK_BLOCK_C": [128, 256],
+                 "COUNT_ROWS": [8, 16, 32]}  # fmt: skip
+    if not wanted or "clusterkv_rank_b8_32k" in wanted:
+        rows += sweep("clusterkv_rank_b8_32k", rank_calls(), cluster_kernels, rank_grid)
     best = {}
     for row in rows:
         if "us" in row and row.get("max_diff", 0) <= 0.02 and row["us"] < best.get(row["shape"], {"us": 1e9})["us"]:
