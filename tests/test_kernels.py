@@ -78,8 +78,12 @@ def clustered(batch, kv_heads, n, n_clusters, d, gen, sinks):
     return centroids, order, offsets
 
 
+@pytest.mark.parametrize("by_count", [False, True], ids=["sort", "count"])
 @pytest.mark.parametrize("room", [0, 1, 100, 400, 500])
-def test_cluster_selection_kernel_matches_select_tokens(room):
+def test_cluster_selection_kernel_matches_select_tokens(room, by_count, monkeypatch):
+    from chunkkv_cli import cluster_kernels
+
+    monkeypatch.setattr(cluster_kernels, "RANK_BY_COUNT", by_count)
     gen = torch.Generator().manual_seed(1)
     batch, q_heads, kv_heads, d, sinks = 2, 12, 3, 32, 5
     centroids, order, offsets = clustered(batch, kv_heads, 500, 37, d, gen, sinks)
@@ -90,7 +94,11 @@ def test_cluster_selection_kernel_matches_select_tokens(room):
     assert torch.equal(got[..., sinks:], select_tokens(query, centroids, order, offsets, room))
 
 
-def test_cluster_selection_kernel_on_kmeans_clusters_of_real_shape():
+@pytest.mark.parametrize("by_count", [False, True], ids=["sort", "count"])
+def test_cluster_selection_kernel_on_kmeans_clusters_of_real_shape(by_count, monkeypatch):
+    from chunkkv_cli import cluster_kernels
+
+    monkeypatch.setattr(cluster_kernels, "RANK_BY_COUNT", by_count)
     gen = torch.Generator().manual_seed(2)
     keys = torch.randn(1, 2, 2000, 64, generator=gen)
     centroids, assign = kmeans_cosine(keys, 25, iterations=5)
@@ -160,3 +168,13 @@ def test_gpu_reconstruction_pass_matches_the_cpu_reference():
     assert torch.allclose(out.float().cpu(), kvzip.attend_cpu(q, k, v, 0.088), atol=2e-2)
     assert torch.allclose(full.cpu(), kvzip.full_scores(q, k, 304, 0.088, 32), atol=2e-3, rtol=3e-2)
     assert torch.allclose(local.cpu(), kvzip.local_scores(q, k, 304, (100, 228), 4, 0.088, 32), atol=2e-3, rtol=3e-2)
+
+
+def test_one_launch_slot_write_equals_index_copy():
+    gen = torch.Generator().manual_seed(4)
+    keys, values = (torch.randn(3, 2, 50, 64, generator=gen).half().to(DEVICE) for _ in "kv")
+    new_k, new_v = (torch.randn(3, 2, 1, 64, generator=gen).half().to(DEVICE) for _ in "kv")
+    slot = torch.tensor(17, device=DEVICE)
+    expected_k, expected_v = keys.clone().index_copy_(2, slot.view(1), new_k), values.clone().index_copy_(2, slot.view(1), new_v)
+    decode_kernel.write_slot(new_k, new_v, keys, values, slot)
+    assert torch.equal(keys, expected_k) and torch.equal(values, expected_v)
