@@ -138,6 +138,21 @@ if triton is not None:
         return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
 
     @triton.jit
+    def _score_clusters(
+        Q, CENTROIDS, scores_at, b, h, stride_qb, stride_qh, stride_cb, stride_ch, stride_cc, n_clusters,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """Each centroid of (sequence b, KV head h) times the summed group query, written to `scores_at` (float32)."""
+        dims = tl.arange(0, D)
+        q = tl.sum(load_group_query(Q + b * stride_qb, h, stride_qh, GROUP, GROUP_PAD, D).to(tl.float32), 0)
+        centroids = CENTROIDS + b * stride_cb + h * stride_ch
+        for c0 in range(0, n_clusters, BLOCK_C):
+            rows = c0 + tl.arange(0, BLOCK_C)
+            c = tl.load(centroids + rows[:, None] * stride_cc + dims[None, :], mask=rows[:, None] < n_clusters, other=0.0)
+            tl.store(scores_at + rows, tl.sum(c.to(tl.float32) * q[None, :], 1), mask=rows < n_clusters)
+        tl.debug_barrier()  # the scores were written by other threads than the ones reading them back
+
+    @triton.jit
     def _rank_kernel(
         Q, CENTROIDS, OFFSETS, STARTS, ENDS, SHIFT, OUT,
         stride_qb, stride_qh, stride_cb, stride_ch, stride_cc, stride_fb, stride_fh, stride_outb, stride_outh,
@@ -150,17 +165,11 @@ if triton is not None:
         pid = tl.program_id(0)
         b = pid // KV_HEADS
         h = pid % KV_HEADS
-        dims = tl.arange(0, D)
-        q = tl.sum(load_group_query(Q + b * stride_qb, h, stride_qh, GROUP, GROUP_PAD, D).to(tl.float32), 0)
         ends_at = ENDS + pid * C_PAD
         shift_at = SHIFT + pid * C_PAD
-        scores_at = (shift_at).to(tl.pointer_type(tl.float32))  # scratch: SHIFT is written only after the sort
-        centroids = CENTROIDS + b * stride_cb + h * stride_ch
-        for c0 in range(0, n_clusters, BLOCK_C):
-            rows = c0 + tl.arange(0, BLOCK_C)
-            c = tl.load(centroids + rows[:, None] * stride_cc + dims[None, :], mask=rows[:, None] < n_clusters, other=0.0)
-            tl.store(scores_at + rows, tl.sum(c.to(tl.float32) * q[None, :], 1), mask=rows < n_clusters)
-        tl.debug_barrier()  # the scores were written by other threads than the ones reading them back
+        scores_at = (STARTS + pid * C_PAD).to(tl.pointer_type(tl.float32))  # scratch: STARTS is written after the sort
+        _score_clusters(Q, CENTROIDS, scores_at, b, h, stride_qb, stride_qh, stride_cb, stride_ch, stride_cc,
+                        n_clusters, GROUP, GROUP_PAD, D, BLOCK_C)  # fmt: skip
         ids = tl.arange(0, C_PAD)
         scores = tl.load(scores_at + ids, mask=ids < n_clusters, other=float("-inf"))
         tl.debug_barrier()
@@ -197,15 +206,9 @@ if triton is not None:
         pid = tl.program_id(0)
         b = pid // KV_HEADS
         h = pid % KV_HEADS
-        dims = tl.arange(0, D)
-        q = tl.sum(load_group_query(Q + b * stride_qb, h, stride_qh, GROUP, GROUP_PAD, D).to(tl.float32), 0)
         scores_at = (STARTS + pid * C_PAD).to(tl.pointer_type(tl.float32))  # scratch: a row's start replaces its score
-        centroids = CENTROIDS + b * stride_cb + h * stride_ch
-        for c0 in range(0, n_clusters, BLOCK_C):
-            rows = c0 + tl.arange(0, BLOCK_C)
-            c = tl.load(centroids + rows[:, None] * stride_cc + dims[None, :], mask=rows[:, None] < n_clusters, other=0.0)
-            tl.store(scores_at + rows, tl.sum(c.to(tl.float32) * q[None, :], 1), mask=rows < n_clusters)
-        tl.debug_barrier()
+        _score_clusters(Q, CENTROIDS, scores_at, b, h, stride_qb, stride_qh, stride_cb, stride_ch, stride_cc,
+                        n_clusters, GROUP, GROUP_PAD, D, BLOCK_C)  # fmt: skip
         ids = tl.arange(0, C_PAD)
         offsets = OFFSETS + b * stride_fb + h * stride_fh
         scores = tl.load(scores_at + ids, mask=ids < n_clusters, other=float("-inf"))
