@@ -112,8 +112,7 @@ def main() -> None:
         grid = attention_grid if index is None else indexed_grid
         rows += sweep(name, dense_calls(batch, kept, index), decode_kernel, grid)
         torch.cuda.empty_cache()
-    rank_grid = {"RANK_BY_COUNT": [False, True], "RANK_WARPS": [2, 4, 8], "RANK_BLOCK_C": [128, 256],
-                 "COUNT_ROWS": [8, 16, 32]}  # fmt: skip
+    rank_grid = {"RANK_WARPS": [2, 4, 8, 16], "RANK_BLOCK_C": [64, 128, 256], "BLOCK_M": [32, 64, 128]}
     if not wanted or "clusterkv_rank_b8_32k" in wanted:
         rows += sweep("clusterkv_rank_b8_32k", rank_calls(), cluster_kernels, rank_grid)
     best = {}

@@ -28,8 +28,6 @@ BLOCK_C = 32  # centroids per tile in nearest_centroids
 RANK_BLOCK_C = 256  # centroids scored per tile when ranking
 RANK_WARPS = 4  # ranking 400 clusters: 23.8 us a layer at batch 8 vs 32.7 with 8 warps (decode_kernel_sweep.py, H200)
 BLOCK_M = 64  # output slots per program
-RANK_BY_COUNT = False  # rank each cluster by counting the better ones (no sort); see `_rank_count_kernel`
-COUNT_ROWS = 16  # clusters ranked per tile by counting
 BLOCK_N = 128  # keys per program in nearest_centroids
 
 
@@ -81,20 +79,19 @@ def select_clusters(
     if c_pad > 1 << 16:
         raise ValueError(f"select_clusters takes up to 65536 clusters, got {n_clusters}")
     out = torch.empty(b, kv_heads, sinks + room, dtype=torch.long, device=query.device)
-    starts, ends = (torch.empty(b * kv_heads, c_pad, dtype=torch.int32, device=query.device) for _ in "se")
+    ends = torch.empty(b * kv_heads, c_pad, dtype=torch.int32, device=query.device)
     shift = torch.empty(b * kv_heads, c_pad, dtype=torch.long, device=query.device)
     group = q_heads // kv_heads
-    rank = _rank_count_kernel if RANK_BY_COUNT else _rank_kernel
-    rank[(b * kv_heads,)](
-        query, centroids, offsets, starts, ends, shift, out,
+    _rank_kernel[(b * kv_heads,)](
+        query, centroids, offsets, ends, shift, out,
         query.stride(0), query.stride(1), *centroids.stride()[:3], *offsets.stride()[:2], *out.stride()[:2],
         n_clusters, sinks,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, C_PAD=c_pad,
-        BLOCK_C=RANK_BLOCK_C, BLOCK_M=BLOCK_M, ROWS=COUNT_ROWS, num_warps=RANK_WARPS,
+        BLOCK_C=RANK_BLOCK_C, BLOCK_M=BLOCK_M, num_warps=RANK_WARPS,
     )  # fmt: skip
     if room:
         _fill_kernel[(b * kv_heads, triton.cdiv(room, BLOCK_M))](
-            order, starts, ends, shift, out, *order.stride()[:2], *out.stride()[:2], sinks, room,
+            order, ends, shift, out, *order.stride()[:2], *out.stride()[:2], sinks, room,
             KV_HEADS=kv_heads, C_PAD=c_pad, BLOCK_M=BLOCK_M,
         )  # fmt: skip
     return out
@@ -138,38 +135,29 @@ if triton is not None:
         return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
 
     @triton.jit
-    def _score_clusters(
-        Q, CENTROIDS, scores_at, b, h, stride_qb, stride_qh, stride_cb, stride_ch, stride_cc, n_clusters,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
-        """Each centroid of (sequence b, KV head h) times the summed group query, written to `scores_at` (float32)."""
-        dims = tl.arange(0, D)
-        q = tl.sum(load_group_query(Q + b * stride_qb, h, stride_qh, GROUP, GROUP_PAD, D).to(tl.float32), 0)
-        centroids = CENTROIDS + b * stride_cb + h * stride_ch
-        for c0 in range(0, n_clusters, BLOCK_C):
-            rows = c0 + tl.arange(0, BLOCK_C)
-            c = tl.load(centroids + rows[:, None] * stride_cc + dims[None, :], mask=rows[:, None] < n_clusters, other=0.0)
-            tl.store(scores_at + rows, tl.sum(c.to(tl.float32) * q[None, :], 1), mask=rows < n_clusters)
-        tl.debug_barrier()  # the scores were written by other threads than the ones reading them back
-
-    @triton.jit
     def _rank_kernel(
-        Q, CENTROIDS, OFFSETS, STARTS, ENDS, SHIFT, OUT,
+        Q, CENTROIDS, OFFSETS, ENDS, SHIFT, OUT,
         stride_qb, stride_qh, stride_cb, stride_ch, stride_cc, stride_fb, stride_fh, stride_outb, stride_outh,
         n_clusters, sinks,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-        C_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+        C_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     ):  # fmt: skip
         """Score the clusters against the summed group query, rank them best first (ties: lower index
         first), and lay their members end to end: ranked cluster r fills slots [ends[r] - size, ends[r])."""
         pid = tl.program_id(0)
         b = pid // KV_HEADS
         h = pid % KV_HEADS
+        dims = tl.arange(0, D)
+        q = tl.sum(load_group_query(Q + b * stride_qb, h, stride_qh, GROUP, GROUP_PAD, D).to(tl.float32), 0)
         ends_at = ENDS + pid * C_PAD
         shift_at = SHIFT + pid * C_PAD
-        scores_at = (STARTS + pid * C_PAD).to(tl.pointer_type(tl.float32))  # scratch: STARTS is written after the sort
-        _score_clusters(Q, CENTROIDS, scores_at, b, h, stride_qb, stride_qh, stride_cb, stride_ch, stride_cc,
-                        n_clusters, GROUP, GROUP_PAD, D, BLOCK_C)  # fmt: skip
+        scores_at = (shift_at).to(tl.pointer_type(tl.float32))  # scratch: SHIFT is written only after the sort
+        centroids = CENTROIDS + b * stride_cb + h * stride_ch
+        for c0 in range(0, n_clusters, BLOCK_C):
+            rows = c0 + tl.arange(0, BLOCK_C)
+            c = tl.load(centroids + rows[:, None] * stride_cc + dims[None, :], mask=rows[:, None] < n_clusters, other=0.0)
+            tl.store(scores_at + rows, tl.sum(c.to(tl.float32) * q[None, :], 1), mask=rows < n_clusters)
+        tl.debug_barrier()  # the scores were written by other threads than the ones reading them back
         ids = tl.arange(0, C_PAD)
         scores = tl.load(scores_at + ids, mask=ids < n_clusters, other=float("-inf"))
         tl.debug_barrier()
@@ -181,67 +169,25 @@ if triton is not None:
         sizes = tl.load(offsets + ranked + 1, mask=real, other=0) - starts
         ends = tl.cumsum(sizes, 0)
         tl.store(ends_at + ids, ends.to(tl.int32))
-        tl.store(STARTS + pid * C_PAD + ids, (ends - sizes).to(tl.int32))
         tl.store(shift_at + ids, starts - (ends - sizes))  # slot j of ranked cluster r reads order[shift[r] + j]
-        _write_sinks(OUT + b * stride_outb + h * stride_outh, sinks, BLOCK_M)
-
-    @triton.jit
-    def _write_sinks(out, sinks, BLOCK_M: tl.constexpr):
+        out = OUT + b * stride_outb + h * stride_outh
         for s0 in range(0, sinks, BLOCK_M):
             slots = s0 + tl.arange(0, BLOCK_M)
             tl.store(out + slots, slots.to(tl.int64), mask=slots < sinks)
 
     @triton.jit
-    def _rank_count_kernel(
-        Q, CENTROIDS, OFFSETS, STARTS, ENDS, SHIFT, OUT,
-        stride_qb, stride_qh, stride_cb, stride_ch, stride_cc, stride_fb, stride_fh, stride_outb, stride_outh,
-        n_clusters, sinks,
-        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-        C_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
-    ):  # fmt: skip
-        """`_rank_kernel`'s layout without a sort: a cluster's members start after those of every better cluster
-        (higher score; ties: lower index), so its start is the summed size of the clusters that beat it, counted
-        against all of them in tiles of ROWS. Slots are kept per cluster, not in rank order; `_fill_kernel`
-        finds a slot's cluster by its [start, end) either way."""
-        pid = tl.program_id(0)
-        b = pid // KV_HEADS
-        h = pid % KV_HEADS
-        scores_at = (STARTS + pid * C_PAD).to(tl.pointer_type(tl.float32))  # scratch: a row's start replaces its score
-        _score_clusters(Q, CENTROIDS, scores_at, b, h, stride_qb, stride_qh, stride_cb, stride_ch, stride_cc,
-                        n_clusters, GROUP, GROUP_PAD, D, BLOCK_C)  # fmt: skip
-        ids = tl.arange(0, C_PAD)
-        offsets = OFFSETS + b * stride_fb + h * stride_fh
-        scores = tl.load(scores_at + ids, mask=ids < n_clusters, other=float("-inf"))
-        sizes = tl.load(offsets + ids + 1, mask=ids < n_clusters, other=0) - tl.load(offsets + ids, mask=ids < n_clusters, other=0)
-        for r0 in range(0, C_PAD, ROWS):
-            rows = r0 + tl.arange(0, ROWS)
-            mine = tl.load(scores_at + rows, mask=rows < n_clusters, other=float("-inf"))
-            beats = (scores[None, :] > mine[:, None]) | ((scores[None, :] == mine[:, None]) & (ids[None, :] < rows[:, None]))
-            before = tl.sum(tl.where(beats, sizes[None, :], 0), 1)
-            first = tl.load(offsets + rows, mask=rows < n_clusters, other=0)
-            size = tl.load(offsets + rows + 1, mask=rows < n_clusters, other=0) - first
-            tl.debug_barrier()  # every thread has read this tile's scores before their slots become starts
-            tl.store(STARTS + pid * C_PAD + rows, before.to(tl.int32))
-            tl.store(ENDS + pid * C_PAD + rows, (before + size).to(tl.int32))
-            tl.store(SHIFT + pid * C_PAD + rows, first - before)
-        _write_sinks(OUT + b * stride_outb + h * stride_outh, sinks, BLOCK_M)
-
-    @triton.jit
     def _fill_kernel(
-        ORDER, STARTS, ENDS, SHIFT, OUT, stride_ob, stride_oh, stride_outb, stride_outh, sinks, room,
+        ORDER, ENDS, SHIFT, OUT, stride_ob, stride_oh, stride_outb, stride_outh, sinks, room,
         KV_HEADS: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     ):  # fmt: skip
-        """BLOCK_M output slots of one (sequence, KV head): each reads the cluster whose [start, end) holds it."""
+        """BLOCK_M output slots of one (sequence, KV head): each finds its cluster by the ranked ends."""
         pid = tl.program_id(0)
         b = pid // KV_HEADS
         h = pid % KV_HEADS
         slots = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         used = slots < room
-        ids = tl.arange(0, C_PAD)
-        starts = tl.load(STARTS + pid * C_PAD + ids)
-        ends = tl.load(ENDS + pid * C_PAD + ids)
-        holds = (starts[None, :] <= slots[:, None]) & (slots[:, None] < ends[None, :])  # one cluster per used slot
-        which = tl.sum(tl.where(holds, ids[None, :], 0), 1)
-        source = tl.load(SHIFT + pid * C_PAD + which, mask=used, other=0) + slots
+        ends = tl.load(ENDS + pid * C_PAD + tl.arange(0, C_PAD))
+        rank = tl.sum((ends[None, :] <= slots[:, None]).to(tl.int32), 1)  # searchsorted(ends, slots, right=True)
+        source = tl.load(SHIFT + pid * C_PAD + rank, mask=used, other=0) + slots
         members = tl.load(ORDER + b * stride_ob + h * stride_oh + source, mask=used)
         tl.store(OUT + b * stride_outb + h * stride_outh + sinks + slots, members, mask=used)

@@ -78,12 +78,8 @@ def clustered(batch, kv_heads, n, n_clusters, d, gen, sinks):
     return centroids, order, offsets
 
 
-@pytest.mark.parametrize("by_count", [False, True], ids=["sort", "count"])
 @pytest.mark.parametrize("room", [0, 1, 100, 400, 500])
-def test_cluster_selection_kernel_matches_select_tokens(room, by_count, monkeypatch):
-    from chunkkv_cli import cluster_kernels
-
-    monkeypatch.setattr(cluster_kernels, "RANK_BY_COUNT", by_count)
+def test_cluster_selection_kernel_matches_select_tokens(room):
     gen = torch.Generator().manual_seed(1)
     batch, q_heads, kv_heads, d, sinks = 2, 12, 3, 32, 5
     centroids, order, offsets = clustered(batch, kv_heads, 500, 37, d, gen, sinks)
@@ -94,11 +90,7 @@ def test_cluster_selection_kernel_matches_select_tokens(room, by_count, monkeypa
     assert torch.equal(got[..., sinks:], select_tokens(query, centroids, order, offsets, room))
 
 
-@pytest.mark.parametrize("by_count", [False, True], ids=["sort", "count"])
-def test_cluster_selection_kernel_on_kmeans_clusters_of_real_shape(by_count, monkeypatch):
-    from chunkkv_cli import cluster_kernels
-
-    monkeypatch.setattr(cluster_kernels, "RANK_BY_COUNT", by_count)
+def test_cluster_selection_kernel_on_kmeans_clusters_of_real_shape():
     gen = torch.Generator().manual_seed(2)
     keys = torch.randn(1, 2, 2000, 64, generator=gen)
     centroids, assign = kmeans_cosine(keys, 25, iterations=5)
