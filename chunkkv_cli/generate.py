@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
