@@ -97,7 +97,7 @@ class TimedLoad:
         return loaded
 
 
-def start_steps(imported: Callable[[], None] = lambda: None) -> None:
+def start_steps(imported: Callable[[], None]) -> None:
     """What a fresh process pays before its model: torch, transformers and the runner's modules, then CUDA."""
     import torch
     import transformers  # noqa: F401
@@ -250,6 +250,12 @@ def child(args, role: str, folder: Path) -> None:
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def local_in_child(args, folder: Path) -> dict:
+    """The local path in a fresh process; its `run_batch` summary."""
+    child(args, "local", folder)
+    return json.loads((folder / "local_summary.json").read_text())
+
+
 def run_role(args, settings: Settings, folder: Path) -> None:
     """In the child: `warm` runs one short job (Triton compiles into its disk cache, so neither timed path pays for
     it); `local` runs the jobs on the local path, its model loaded inside the timing as an actor's is."""
@@ -273,8 +279,7 @@ def both_paths(args, settings: Settings, folder: Path) -> dict:
     from chunkkv_cli.ray_batch import connect, run_ray_batch
 
     jobs = read_jobs(write_jobs(folder, args.docs, args.jobs_per_doc, args.doc_words))
-    local = measure("local", lambda: child(args, "local", folder) or json.loads((folder / "local_summary.json").read_text()),
-                    Timeline(folder / "timeline.jsonl", "local"))  # fmt: skip
+    local = measure("local", lambda: local_in_child(args, folder), Timeline(folder / "timeline.jsonl", "local"))
     start = time.perf_counter()
     connect("local")
     ray_start = time.perf_counter() - start

@@ -85,7 +85,7 @@ def write_slot(key_states, value_states, keys: torch.Tensor, values: torch.Tenso
     One launch for both on the GPU, where two `index_copy_` launches per layer cost more than the bytes they move.
     """
     b, heads, _, d = keys.shape
-    if not available(keys.device, d) or key_states.stride(-1) != 1 or keys.stride(-1) != 1:
+    if not available(keys.device, d) or any(t.stride(-1) != 1 for t in (key_states, value_states, keys, values)):
         keys.index_copy_(2, slot.view(1), key_states)
         values.index_copy_(2, slot.view(1), value_states)
         return

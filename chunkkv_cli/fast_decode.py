@@ -120,6 +120,7 @@ class FastDecoder:
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         self.graph = None
         self.logits = None
+        self.prepared = not (self.use_graph or compile)  # eager and uncompiled: nothing to build
 
     def _forward(self) -> torch.Tensor:
         self.static.open_next_slot()
@@ -133,27 +134,33 @@ class FastDecoder:
     def step(self, token: torch.Tensor) -> torch.Tensor:
         self.token.copy_(token.view(-1, 1))
         StepCount.total += 1
-        if self.graph is None and (self.use_graph or self.compile):
-            start = time.perf_counter()
+        if not self.prepared:
             self._prepare()
-            if self.compile:
-                report_compile(time.perf_counter() - start)
-        if not self.use_graph:
+        if self.graph is None:
             return self._forward()
         self.graph.replay()
         return self.logits
 
     def _prepare(self) -> None:
-        """Compile (where asked) and capture; a failed compile decodes uncompiled if `fall_back`, else raises."""
+        """Compile (where asked) and capture (on CUDA); a failed compile decodes uncompiled if `fall_back`, else raises."""
+        start = time.perf_counter()
         try:
-            self._capture() if self.use_graph else self._warm_up()
+            self._build()
         except Exception as error:  # Dynamo and Inductor raise many types; any of them means no compiled step
             if not (self.compile and self.fall_back):
                 raise
             note_once(f"compiling the decode step failed ({type(error).__name__}): decoding uncompiled (--decoder fast)")
             self.compile = False
-            self._capture() if self.use_graph else None
-        self.graph = self.graph or False  # prepared: not tried again on the CPU
+            self._build()
+        if self.compile:
+            report_compile(time.perf_counter() - start)
+        self.prepared = True
+
+    def _build(self) -> None:
+        if self.use_graph:
+            self._capture()
+        else:
+            self._warm_up()  # compiles
 
     def _warm_up(self) -> None:
         """One step whose effects are undone (slots, lengths, position): compiles, and on a GPU fills the caches."""

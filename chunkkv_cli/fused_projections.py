@@ -5,11 +5,11 @@ the 1024-row k and v projections of an 8B model reach a quarter of the copy band
 two thirds, the 14k-row MLP matrices nine tenths (benchmarks/results/decode_floor_*.json). Stacking q, k
 and v into one matrix (and gate with up) gives one larger product that runs near the MLP's rate.
 
-The model's code calls its projections one by one (`q_proj(x)`, then `k_proj(x)`, ...). While the
-`compiled` decoder runs, the first projection of each group is replaced by a module that computes the
-stacked product and hands each sibling its slice; the siblings return that slice. The stacked weight
-is built once and the original Linear weights become views into it, so no memory is added; outside
-the compiled decode step the model's own modules are in place and compute exactly as before.
+The model's code calls its projections one by one (`q_proj(x)`, then `k_proj(x)`, ...). During a step
+of the `fast` or `compiled` decoder, the first projection of each group is replaced by a module that
+computes the stacked product and hands each sibling its slice; the siblings return that slice. The
+stacked weight is built once and the original Linear weights become views into it, so no memory is
+added; outside a decode step the model's own modules are in place and compute exactly as before.
 """
 
 from __future__ import annotations
