@@ -5,8 +5,8 @@
 Per shape, 32 launches (one per layer, each on its own buffers so nothing is served from L2) are captured as
 one CUDA graph and replayed; reported: microseconds per launch for every setting, and each output's largest
 difference from the current setting's (a setting that computes something else is marked, never picked).
-Shapes: ChunkKV at 10 % of 32k and 128k (batch 1), FullKV at 32k (batch 8), ClusterKV's indexed attention
-and its cluster ranking (budget 1024, 400 clusters, 32k, batch 8).
+Shapes: ChunkKV at 10 % of 32k and 128k (batch 1), FullKV at 32k (batch 8), ClusterKV's attention (ranking
+included) and its ranking with the slots listed (budget 1024, 400 clusters, 32k, batch 8, 30 clustered layers).
 """
 
 from __future__ import annotations
@@ -41,36 +41,38 @@ def graph_us(calls, repeats: int = 20) -> tuple[float, list]:
     return start.elapsed_time(end) * 1000 / repeats / len(calls), outs
 
 
-def dense_calls(batch: int, kept: int, index_size: int | None = None):
-    """Thunks for one attention launch per layer; indexed (ClusterKV) when `index_size` is given."""
+def dense_calls(batch: int, kept: int):
+    """Thunks for one attention launch per layer over `kept` filled slots."""
     capacity = kept + NEW
     g = torch.Generator(device="cuda").manual_seed(0)
     calls = []
     for _ in range(LAYERS):
         q = torch.randn(batch, Q_HEADS, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
         k, v = (torch.randn(batch, KV_HEADS, capacity, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "kv")
-        if index_size is None:
-            lengths = torch.full((batch,), kept + 8, device="cuda", dtype=torch.int32)
-            calls.append(lambda q=q, k=k, v=v, n=lengths: decode_kernel.decode_attention(q, k, v, n, 0.088))
-        else:
-            index = torch.randint(0, kept, (batch, KV_HEADS, index_size), device="cuda", generator=g)
-            lengths = torch.full((batch,), index_size + 8, device="cuda", dtype=torch.int32)
-            calls.append(lambda q=q, k=k, v=v, i=index, n=lengths:
-                         decode_kernel.decode_attention_indexed(q, k, v, i, n, kept, 0.088))  # fmt: skip
+        lengths = torch.full((batch,), kept + 8, device="cuda", dtype=torch.int32)
+        calls.append(lambda q=q, k=k, v=v, n=lengths: decode_kernel.decode_attention(q, k, v, n, 0.088))
     return calls
 
 
-def rank_calls(batch: int = 8, tokens: int = 32768, clusters: int = 400, sinks: int = 16, room: int = 1008):
+def cluster_calls(attend: bool, batch: int = 8, tokens: int = 32768, clusters: int = 400, sinks: int = 16, room: int = 1008):
+    """ClusterKV's clustered layers (budget 1024): ranking and attention (`attend`), or ranking and listing the slots."""
     g = torch.Generator(device="cuda").manual_seed(1)
     calls = []
     for _ in range(LAYERS - 2):
         q = torch.randn(batch, Q_HEADS, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
         c = torch.nn.functional.normalize(torch.randn(batch, KV_HEADS, clusters, D, device="cuda", generator=g), dim=-1)
+        c = c.to(torch.bfloat16)  # as ClusterState keeps them
         assign = torch.randint(0, clusters, (batch, KV_HEADS, tokens - sinks), device="cuda", generator=g)
         order = assign.argsort(dim=-1) + sinks
         counts = torch.zeros(batch, KV_HEADS, clusters, dtype=torch.long, device="cuda").scatter_add_(2, assign, torch.ones_like(assign))
         offsets = torch.nn.functional.pad(counts.cumsum(-1), (1, 0))
-        calls.append(lambda q=q, c=c, o=order, f=offsets: cluster_kernels.select_clusters(q, c, o, f, sinks, room))
+        if not attend:
+            calls.append(lambda q=q, c=c, o=order, f=offsets: cluster_kernels.select_clusters(q, c, o, f, sinks, room))
+            continue
+        k, v = (torch.randn(batch, KV_HEADS, tokens + NEW, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "kv")
+        lengths = torch.full((batch,), sinks + room + 8, device="cuda", dtype=torch.int32)
+        calls.append(lambda q=q, k=k, v=v, c=c, o=order, f=offsets, n=lengths:
+                     cluster_kernels.cluster_attention(q, k, v, c, o, f, n, sinks, room, tokens, 0.088))  # fmt: skip
     return calls
 
 
@@ -102,19 +104,20 @@ def main() -> None:
     args = parser.parse_args()
     wanted = set(filter(None, args.only.split(",")))
     attention_grid = {"TARGET_PROGRAMS": [256, 512, 1024, 2048], "BLOCK_N": [32, 64, 128], "NUM_WARPS": [2, 4, 8]}
-    shapes = {"chunkkv_b1_32k": (1, 3277, None), "chunkkv_b1_128k": (1, 13107, None),
-              "fullkv_b8_32k": (8, 32768, None), "clusterkv_b8_32k": (8, 32768, 1024)}  # fmt: skip
+    shapes = {"chunkkv_b1_32k": (1, 3277), "chunkkv_b1_128k": (1, 13107), "fullkv_b8_32k": (8, 32768)}
     rows = []
-    indexed_grid = {"INDEXED_TARGET_PROGRAMS": [256, 512, 1024, 2048], "BLOCK_N": [32, 64, 128], "INDEXED_WARPS": [2, 4, 8]}
-    for name, (batch, kept, index) in shapes.items():
-        if wanted and name not in wanted:
-            continue
-        grid = attention_grid if index is None else indexed_grid
-        rows += sweep(name, dense_calls(batch, kept, index), decode_kernel, grid)
+    for name, (batch, kept) in shapes.items():
+        if not wanted or name in wanted:
+            rows += sweep(name, dense_calls(batch, kept), decode_kernel, attention_grid)
+            torch.cuda.empty_cache()
+    cluster_grid = {"INDEXED_TARGET_PROGRAMS": [512, 1024, 2048], "INDEXED_WARPS": [2, 4], "BLOCK_E": [32, 64, 128],
+                    "BLOCK_N": [32, 64]}  # fmt: skip
+    if not wanted or "clusterkv_b8_32k" in wanted:
+        rows += sweep("clusterkv_b8_32k", cluster_calls(attend=True), decode_kernel, cluster_grid)
         torch.cuda.empty_cache()
-    rank_grid = {"RANK_WARPS": [2, 4, 8, 16], "RANK_BLOCK_C": [64, 128, 256], "BLOCK_M": [32, 64, 128]}
+    rank_grid = {"RANK_WARPS": [2, 4, 8], "RANK_BLOCK_C": [128, 256, 512]}
     if not wanted or "clusterkv_rank_b8_32k" in wanted:
-        rows += sweep("clusterkv_rank_b8_32k", rank_calls(), cluster_kernels, rank_grid)
+        rows += sweep("clusterkv_rank_b8_32k", cluster_calls(attend=False), cluster_kernels, rank_grid)
     best = {}
     for row in rows:
         if "us" in row and row.get("max_diff", 0) <= 0.02 and row["us"] < best.get(row["shape"], {"us": 1e9})["us"]:

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from chunkkv_cli import decode_kernel
 from chunkkv_cli.decode_kernel import available, triton
 
 if triton is not None:
     import triton.language as tl
 
-    from chunkkv_cli.decode_kernel import load_group_query
+    from chunkkv_cli.decode_kernel import load_group_query, ranked_rows
 
-__all__ = ["available", "nearest_centroids", "select_clusters"]
+__all__ = ["available", "cluster_attention", "nearest_centroids", "select_clusters"]
 
 BLOCK_C = 32  # centroids per tile in nearest_centroids
 RANK_BLOCK_C = 256  # centroids scored per tile when ranking
@@ -73,33 +74,59 @@ def select_clusters(
     (b, kv_heads, sinks + room), the same positions as `clusterkv.select_tokens` after the sinks.
     Two kernels: one program per (sequence, KV head) ranks the clusters; then many per head fill the slots.
     """
-    b, q_heads, _, d = query.shape
-    kv_heads, n_clusters = centroids.shape[1], centroids.shape[2]
-    c_pad = triton.next_power_of_2(n_clusters)
-    if c_pad > 1 << 16:
-        raise ValueError(f"select_clusters takes up to 65536 clusters, got {n_clusters}")
+    b, kv_heads = query.shape[0], centroids.shape[1]
+    ranked = _rank(query, centroids, order, offsets, sinks, room, 0)
     out = torch.empty(b, kv_heads, sinks + room, dtype=torch.long, device=query.device)
-    ends = torch.empty(b * kv_heads, c_pad, dtype=torch.int32, device=query.device)
-    shift = torch.empty(b * kv_heads, c_pad, dtype=torch.long, device=query.device)
-    group = q_heads // kv_heads
-    _rank_kernel[(b * kv_heads,)](
-        query, centroids, offsets, ends, shift, out,
-        query.stride(0), query.stride(1), *centroids.stride()[:3], *offsets.stride()[:2], *out.stride()[:2],
-        n_clusters, sinks,
-        KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, C_PAD=c_pad,
-        BLOCK_C=RANK_BLOCK_C, BLOCK_M=BLOCK_M, num_warps=RANK_WARPS,
+    c_pad = ranked.ends.shape[-1]
+    _fill_kernel[(b * kv_heads, triton.cdiv(sinks + room, BLOCK_M))](
+        order, ranked.ends, ranked.shift, out, *order.stride()[:2], *out.stride()[:2], sinks, room,
+        KV_HEADS=kv_heads, C_PAD=c_pad, BLOCK_E=min(decode_kernel.BLOCK_E, c_pad), BLOCK_M=BLOCK_M,
     )  # fmt: skip
-    if room:
-        _fill_kernel[(b * kv_heads, triton.cdiv(room, BLOCK_M))](
-            order, ends, shift, out, *order.stride()[:2], *out.stride()[:2], sinks, room,
-            KV_HEADS=kv_heads, C_PAD=c_pad, BLOCK_M=BLOCK_M,
-        )  # fmt: skip
     return out
 
 
 @select_clusters.register_fake
 def _(query, centroids, order, offsets, sinks, room):
     return query.new_empty(query.shape[0], centroids.shape[1], sinks + room, dtype=torch.long)
+
+
+@torch.library.custom_op("chunkkv::cluster_attention", mutates_args=())
+def cluster_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, centroids: torch.Tensor, order: torch.Tensor,
+    offsets: torch.Tensor, lengths: torch.Tensor, sinks: int, room: int, tail_start: int, scaling: float,
+) -> torch.Tensor:
+    """One decode step's attention over what `select_clusters` chooses, then the buffer from `tail_start` on.
+
+    key/value (b, kv_heads, capacity, d); lengths (b,): slots attended in all, so the tail stops at the last filled
+    one. Returns (b, 1, q_heads, d). The chosen rows are found inside the attention kernel, never listed or copied.
+    """
+    ranked = _rank(query, centroids, order, offsets, sinks, room, tail_start)
+    return decode_kernel.launch(query, key, value, lengths, scaling, ranked)
+
+
+@cluster_attention.register_fake
+def _(query, key, value, centroids, order, offsets, lengths, sinks, room, tail_start, scaling):
+    b, q_heads, _, d = query.shape
+    return query.new_empty(b, 1, q_heads, d)
+
+
+def _rank(query, centroids, order, offsets, sinks: int, room: int, tail_start: int) -> decode_kernel.Ranked:
+    """One program per (sequence, KV head) scores and ranks the clusters and lays out their members."""
+    b, q_heads, _, d = query.shape
+    kv_heads, n_clusters = centroids.shape[1], centroids.shape[2]
+    c_pad = triton.next_power_of_2(n_clusters)
+    if c_pad > 1 << 16:
+        raise ValueError(f"ClusterKV's kernels take up to 65536 clusters, got {n_clusters}")
+    ends = torch.empty(b * kv_heads, c_pad, dtype=torch.int32, device=query.device)
+    shift = torch.empty(b * kv_heads, c_pad, dtype=torch.long, device=query.device)
+    group = q_heads // kv_heads
+    _rank_kernel[(b * kv_heads,)](
+        query, centroids, offsets, ends, shift,
+        query.stride(0), query.stride(1), *centroids.stride()[:3], *offsets.stride()[:2], n_clusters,
+        KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, C_PAD=c_pad,
+        BLOCK_C=RANK_BLOCK_C, num_warps=RANK_WARPS,
+    )  # fmt: skip
+    return decode_kernel.Ranked(order, ends, shift, sinks, room, tail_start)
 
 
 if triton is not None:
@@ -136,11 +163,10 @@ if triton is not None:
 
     @triton.jit
     def _rank_kernel(
-        Q, CENTROIDS, OFFSETS, ENDS, SHIFT, OUT,
-        stride_qb, stride_qh, stride_cb, stride_ch, stride_cc, stride_fb, stride_fh, stride_outb, stride_outh,
-        n_clusters, sinks,
+        Q, CENTROIDS, OFFSETS, ENDS, SHIFT,
+        stride_qb, stride_qh, stride_cb, stride_ch, stride_cc, stride_fb, stride_fh, n_clusters,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-        C_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+        C_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         """Score the clusters against the summed group query, rank them best first (ties: lower index
         first), and lay their members end to end: ranked cluster r fills slots [ends[r] - size, ends[r])."""
@@ -170,24 +196,17 @@ if triton is not None:
         ends = tl.cumsum(sizes, 0)
         tl.store(ends_at + ids, ends.to(tl.int32))
         tl.store(shift_at + ids, starts - (ends - sizes))  # slot j of ranked cluster r reads order[shift[r] + j]
-        out = OUT + b * stride_outb + h * stride_outh
-        for s0 in range(0, sinks, BLOCK_M):
-            slots = s0 + tl.arange(0, BLOCK_M)
-            tl.store(out + slots, slots.to(tl.int64), mask=slots < sinks)
 
     @triton.jit
     def _fill_kernel(
         ORDER, ENDS, SHIFT, OUT, stride_ob, stride_oh, stride_outb, stride_outh, sinks, room,
-        KV_HEADS: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+        KV_HEADS: tl.constexpr, C_PAD: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
     ):  # fmt: skip
-        """BLOCK_M output slots of one (sequence, KV head): each finds its cluster by the ranked ends."""
+        """BLOCK_M output slots of one (sequence, KV head), sinks then chosen members (`decode_kernel.Ranked`)."""
         pid = tl.program_id(0)
         b = pid // KV_HEADS
         h = pid % KV_HEADS
         slots = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        used = slots < room
-        ends = tl.load(ENDS + pid * C_PAD + tl.arange(0, C_PAD))
-        rank = tl.sum((ends[None, :] <= slots[:, None]).to(tl.int32), 1)  # searchsorted(ends, slots, right=True)
-        source = tl.load(SHIFT + pid * C_PAD + rank, mask=used, other=0) + slots
-        members = tl.load(ORDER + b * stride_ob + h * stride_oh + source, mask=used)
-        tl.store(OUT + b * stride_outb + h * stride_outh + sinks + slots, members, mask=used)
+        rows = ranked_rows(slots, ORDER + b * stride_ob + h * stride_oh, ENDS + pid * C_PAD, SHIFT + pid * C_PAD,
+                           sinks, room, 0, C_PAD, BLOCK_E)  # fmt: skip
+        tl.store(OUT + b * stride_outb + h * stride_outh + slots, rows, mask=slots < sinks + room)

@@ -29,23 +29,6 @@ _regions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _DYNAMO_SETTINGS = {"allow_unspec_int_on_nn_module": True, "recompile_limit": 64}
 
 
-# `auto` compiles once a process has run this many fast decode steps, or is about to run an answer that long:
-# a warm compile costs ~4.5 s and saves ~1.5 ms a step (llama3-8b at 32k on an H200, benchmarks/decode_floor.py),
-# so a few short answers finish sooner uncompiled, and a batch, an eval or a long answer sooner compiled.
-PAYS_AFTER_STEPS = 3000
-
-
-class StepCount:
-    """Decode steps this process has run with the `fast` or `compiled` decoder."""
-
-    total = 0
-
-
-def compile_pays(upcoming_steps: int) -> bool:
-    """`auto`'s choice of `compiled` over `fast` for a decoder about to run up to `upcoming_steps` steps."""
-    return StepCount.total + upcoming_steps >= PAYS_AFTER_STEPS
-
-
 def use_persistent_cache() -> Path:
     """Keep compiled kernels between runs under chunkkv's cache folder, unless TORCHINDUCTOR_CACHE_DIR names another.
 

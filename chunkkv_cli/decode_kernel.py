@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from typing import NamedTuple
+
 import torch
 
 try:
@@ -23,10 +25,24 @@ except ImportError:  # CPU wheels of torch come without Triton
 BLOCK_N = 64
 TARGET_PROGRAMS = 256  # enough thread blocks to occupy every SM a few times over
 NUM_WARPS = 4
-# An indexed launch (ClusterKV) reads rows through an index, a dependent load the compiler cannot pipeline: more,
+# A ranked launch (ClusterKV) reads rows through an index, a dependent load the compiler cannot pipeline: more,
 # smaller programs hide that latency (benchmarks/decode_kernel_sweep.py: 19.3 -> 16.6 us a layer at batch 8, H200).
 INDEXED_TARGET_PROGRAMS = 1024
 INDEXED_WARPS = 2
+BLOCK_E = 64  # cluster ends compared per tile when a slot looks up its cluster
+
+
+class Ranked(NamedTuple):
+    """Slots laid out as ClusterKV attends them: `sinks` first positions, `room` members of ranked clusters end to
+    end, then the buffer from `tail_start` on. Member j lies in the ranked cluster r with ends[r - 1] <= j < ends[r]
+    and sits at position order[shift[r] + j]. ends/shift: (batch * kv_heads, c_pad); order: (batch, kv_heads, n)."""
+
+    order: torch.Tensor
+    ends: torch.Tensor
+    shift: torch.Tensor
+    sinks: int
+    room: int
+    tail_start: int
 
 
 def available(device: torch.device, head_dim: int) -> bool:
@@ -52,30 +68,11 @@ def decode_attention(
     Returns (b, 1, q_heads, d), the layout transformers' attention functions return. A custom op,
     so torch.compile treats it as one opaque call.
     """
-    return _launch(query, key, value, lengths, scaling, None, 0)
+    return launch(query, key, value, lengths, scaling)
 
 
 @decode_attention.register_fake
 def _(query, key, value, lengths, scaling):
-    return _fake_output(query)
-
-
-@torch.library.custom_op("chunkkv::decode_attention_indexed", mutates_args=())
-def decode_attention_indexed(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor,
-    tail_start: int, scaling: float,
-) -> torch.Tensor:
-    """Attention over chosen slots, then a contiguous tail: what ClusterKV's fast decoder attends.
-
-    index (b, kv_heads, n_index): buffer positions attended first (sinks and chosen clusters); then
-    slots tail_start, tail_start + 1, ... of the buffer. lengths (b,) counts both parts, so it stops
-    the tail at the last filled slot. The K/V rows are read in place, never gathered into a copy.
-    """
-    return _launch(query, key, value, lengths, scaling, index, tail_start)
-
-
-@decode_attention_indexed.register_fake
-def _(query, key, value, index, lengths, tail_start, scaling):
     return _fake_output(query)
 
 
@@ -100,26 +97,31 @@ def _fake_output(query: torch.Tensor) -> torch.Tensor:
     return query.new_empty(b, 1, q_heads, d)
 
 
-def _launch(query, key, value, lengths, scaling: float, index: torch.Tensor | None, tail_start: int) -> torch.Tensor:
+def launch(query, key, value, lengths, scaling: float, ranked: Ranked | None = None) -> torch.Tensor:
+    """Split-KV attention over the first `lengths` slots of the buffers, laid out by `ranked` where given."""
     b, q_heads, _, d = query.shape
     kv_heads, capacity = key.shape[1], key.shape[2]
-    n_index = 0 if index is None else index.shape[-1]
     group = q_heads // kv_heads
     group_pad = max(16, triton.next_power_of_2(group))
-    indexed = index is not None
-    target, warps = (INDEXED_TARGET_PROGRAMS, INDEXED_WARPS) if indexed else (TARGET_PROGRAMS, NUM_WARPS)
-    splits, chunk = split_plan(n_index + capacity - tail_start, b * kv_heads, target)
+    if ranked is None:
+        target, warps, slots = TARGET_PROGRAMS, NUM_WARPS, capacity
+        order, ends, shift, sinks, room, tail_start = key, lengths, lengths, 0, 0, 0  # unread without RANKED
+    else:
+        target, warps = INDEXED_TARGET_PROGRAMS, INDEXED_WARPS
+        order, ends, shift, sinks, room, tail_start = ranked
+        slots = sinks + room + capacity - tail_start
+    splits, chunk = split_plan(slots, b * kv_heads, target)
     partial = torch.empty(b * kv_heads * splits, group_pad, d, device=query.device, dtype=torch.float32)
     stats = torch.empty(b * kv_heads * splits, group_pad, 2, device=query.device, dtype=torch.float32)
-    positions = key if index is None else index  # unread when there is no index
+    c_pad = ends.shape[-1] if ranked is not None else BLOCK_E
     _split_attention[(b * kv_heads, splits)](
-        query, key, value, lengths, positions, partial, stats,
+        query, key, value, lengths, order, ends, shift, partial, stats,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), positions.stride(0), positions.stride(1),
-        n_index, tail_start, scaling,
+        value.stride(0), value.stride(1), value.stride(2), order.stride(0), order.stride(1),
+        sinks, room, tail_start, scaling,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, D=d, BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits,
-        HAS_INDEX=indexed, num_warps=warps,
-    )
+        RANKED=ranked is not None, C_PAD=c_pad, BLOCK_E=min(BLOCK_E, c_pad), num_warps=warps,
+    )  # fmt: skip
     out = torch.empty(b, 1, q_heads, d, device=query.device, dtype=query.dtype)
     _merge_splits[(b * kv_heads, group)](
         partial, stats, out, GROUP=group, GROUP_PAD=group_pad, D=d, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits)
@@ -159,13 +161,27 @@ if triton is not None:
         tl.store(STATS + slot * 2 + 1, total)
 
     @triton.jit
+    def ranked_rows(cols, ORDER, ENDS, SHIFT, sinks, room, tail_start, C_PAD: tl.constexpr, BLOCK_E: tl.constexpr):
+        """Buffer rows of slots `cols` laid out as `Ranked` says; ENDS/SHIFT/ORDER point at one (sequence, KV head)."""
+        j = cols - sinks
+        chosen = (j >= 0) & (j < room)
+        rank = tl.zeros_like(cols)
+        for e0 in range(0, C_PAD, BLOCK_E):  # rank = searchsorted(ends, j, right=True), a tile of ends at a time
+            ends = tl.load(ENDS + e0 + tl.arange(0, BLOCK_E))
+            rank += tl.sum((ends[None, :] <= j[:, None]).to(tl.int32), 1)
+        source = tl.load(SHIFT + rank, mask=chosen, other=0) + j
+        member = tl.load(ORDER + source, mask=chosen, other=0)
+        return tl.where(j < 0, cols, tl.where(chosen, member, j - room + tail_start))
+
+    @triton.jit
     def _split_attention(
-        Q, K, V, LENGTHS, INDEX, PARTIAL, STATS,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ib, stride_ih,
-        n_index, tail_start, scaling,
+        Q, K, V, LENGTHS, ORDER, ENDS, SHIFT, PARTIAL, STATS,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh,
+        sinks, room, tail_start, scaling,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_INDEX: tl.constexpr,
-    ):
+        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, RANKED: tl.constexpr,
+        C_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):  # fmt: skip
         seq_head = tl.program_id(0)
         split = tl.program_id(1)
         b = seq_head // KV_HEADS
@@ -183,10 +199,9 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             inside = cols < end
-            if HAS_INDEX:  # slot j reads position index[j] below n_index, tail_start + j - n_index above
-                listed = cols < n_index
-                rows_at = tl.load(INDEX + b * stride_ib + h * stride_ih + cols, mask=inside & listed, other=0)
-                rows_at = tl.where(listed, rows_at, cols - n_index + tail_start)
+            if RANKED:
+                rows_at = ranked_rows(cols, ORDER + b * stride_ob + h * stride_oh, ENDS + seq_head * C_PAD,
+                                      SHIFT + seq_head * C_PAD, sinks, room, tail_start, C_PAD, BLOCK_E)  # fmt: skip
             else:
                 rows_at = cols
             k = tl.load(k_base + rows_at[:, None] * stride_kn + dims[None, :], mask=inside[:, None], other=0.0)

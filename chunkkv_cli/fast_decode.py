@@ -15,8 +15,8 @@ import time
 import torch
 
 from chunkkv_cli import decode_kernel
-from chunkkv_cli.compiled import StepCount, compiled_regions, report_compile
-from chunkkv_cli.compress.base import gather_tokens, grouped_decode_attention
+from chunkkv_cli.compiled import compiled_regions, report_compile
+from chunkkv_cli.compress.base import grouped_decode_attention
 from chunkkv_cli.engine import drop_layer, forward
 from chunkkv_cli.errors import note_once
 from chunkkv_cli.fused_projections import stacked_projections
@@ -74,16 +74,12 @@ class StaticKV(SlotBuffers):
     def attend(self, layer_idx: int, query, key, value, scaling: float) -> torch.Tensor:
         """One new token per sequence over this layer's filled slots (or the clusters ClusterKV selects)."""
         lengths = self.filled[layer_idx]
-        picked = None if self.recall is None else self.recall.static_index(layer_idx, query, key.shape[2])
-        if picked is not None:
-            index, tail_start = picked
-            lengths = lengths + (index.shape[-1] - tail_start)
+        if self.recall is not None:
+            picked = self.recall.static_attend(layer_idx, query, key, value, lengths, scaling)
+            if picked is not None:
+                return picked
         if decode_kernel.available(query.device, query.shape[-1]):
-            if picked is None:
-                return decode_kernel.decode_attention(query, key, value, lengths, scaling)
-            return decode_kernel.decode_attention_indexed(query, key, value, index, lengths, tail_start, scaling)
-        if picked is not None:
-            key, value = (torch.cat([gather_tokens(t, index), t[:, :, tail_start:]], dim=2) for t in (key, value))
+            return decode_kernel.decode_attention(query, key, value, lengths, scaling)
         mask = torch.arange(key.shape[2], device=key.device)[None, :] < lengths[:, None]
         return grouped_decode_attention(query, key, value, scaling, mask)
 
@@ -133,7 +129,6 @@ class FastDecoder:
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         self.token.copy_(token.view(-1, 1))
-        StepCount.total += 1
         if not self.prepared:
             self._prepare()
         if self.graph is None:

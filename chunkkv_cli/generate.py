@@ -10,7 +10,6 @@ import torch
 from transformers import DynamicCache
 
 from chunkkv_cli.blocked import blocked_route, choose_block, in_blocks
-from chunkkv_cli.compiled import compile_pays
 from chunkkv_cli.compress import Compressor
 from chunkkv_cli.errors import ChunkKVError, note_once
 from chunkkv_cli.compress.base import gather_tokens
@@ -130,10 +129,9 @@ def hf_step(model, cache, start_pos: int, route=None) -> Callable[[torch.Tensor]
     return step
 
 
-def resolve_decoder(decoder: str, device: torch.device, recall=None, cache=None, steps: int = 0) -> str:
+def resolve_decoder(decoder: str, device: torch.device, recall=None, cache=None) -> str:
     """`auto` is the hf decoder on the CPU (where fast does not win), with offloading, or when `cache`'s layers lie
-    on several devices (one CUDA graph cannot span them); on one GPU it is `fast`, or `compiled` once the process
-    has run enough steps to repay the compile, counting the `steps` about to run (`compiled.compile_pays`)."""
+    on several devices (one CUDA graph cannot span them); on one GPU it is `compiled` (`fast` if compiling fails)."""
     offloaded = recall is not None and recall.offloaded
     devices = set() if cache is None else {layer.keys.device for layer in cache.layers if layer.keys is not None}
     sliding = cache is not None and any(is_sliding(layer) for layer in cache.layers)
@@ -142,7 +140,7 @@ def resolve_decoder(decoder: str, device: torch.device, recall=None, cache=None,
             note_once(SLIDING_FALLBACK)
         if device.type != "cuda" or offloaded or len(devices) > 1 or sliding:
             return "hf"
-        return "compiled" if compile_pays(steps) else "fast"
+        return "compiled"
     if sliding and decoder != "hf":
         raise ChunkKVError(f"--decoder {decoder}: {SLIDING_FALLBACK.split(': ', 1)[1]}: use --decoder hf or auto")
     if offloaded and decoder != "hf":
@@ -165,7 +163,7 @@ def make_step(model, cache, start_pos: int, max_new_tokens: int, decoder: str = 
     same choice for `auto` and the same refusals (offloaded clusters, a cache split over devices).
     """
     device = next(layer.keys.device for layer in cache.layers if layer.keys is not None)
-    chosen = resolve_decoder(decoder, device, recall, cache, steps=max_new_tokens)
+    chosen = resolve_decoder(decoder, device, recall, cache)
     if chosen in ("fast", "compiled"):
         from chunkkv_cli.fast_decode import FastDecoder
 

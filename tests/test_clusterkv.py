@@ -166,14 +166,9 @@ def test_fast_decoder_attends_sinks_chosen_clusters_and_every_new_slot_within_th
     target = new_target(model, comp)
     prefill(model, prompt, [target])
     state = ClusterState.build(comp, target.cache)
-    query = torch.randn(2, 4, 1, 16)
-    index, tail_start = state.static_index(2, query, PROMPT_LEN + 10)  # ten slots for generated tokens
-    assert tail_start == PROMPT_LEN and index.shape == (2, 2, 40 - 10)  # sinks + chosen + 10 slots: the budget
-    assert index[..., :4].eq(torch.arange(4)).all()  # sinks first
-    layer = state.layers[2]
-    chosen = select_tokens(query, layer.centroids, layer.order, layer.offsets, 40 - 4 - 10)
-    assert torch.equal(index[..., 4:], chosen)
-    assert state.static_index(1, query, PROMPT_LEN + 10) is None  # full layers
+    sinks, room, tail_start = state.static_index(2, PROMPT_LEN + 10)  # ten slots for generated tokens
+    assert (sinks, room, tail_start) == (4, 40 - 4 - 10, PROMPT_LEN)  # sinks + chosen + 10 slots: the budget
+    assert state.static_index(1, PROMPT_LEN + 10) is None  # full layers
 
 
 def test_static_attention_reads_the_index_then_the_filled_new_slots_only(model, prompt):
@@ -190,7 +185,9 @@ def test_static_attention_reads_the_index_then_the_filled_new_slots_only(model, 
     keys[:, :, PROMPT_LEN + 3 :] = 1e4  # attending an unfilled slot would swamp the result
     query = torch.randn(2, 4, 1, 16)
     got = static.attend(2, query, keys, values, 0.25)
-    index, _ = state.static_index(2, query, keys.shape[2])
+    layer = state.layers[2]
+    chosen = select_tokens(query, layer.centroids, layer.order, layer.offsets, 40 - 4 - 10)  # sinks, chosen, 3 new
+    index = torch.cat([torch.arange(4).expand(2, 2, 4), chosen], dim=-1)
     picked = [torch.cat([gather_tokens(t, index), t[:, :, PROMPT_LEN : PROMPT_LEN + 3]], dim=2) for t in (keys, values)]
     torch.testing.assert_close(got, grouped_decode_attention(query, *picked, 0.25))
 

@@ -138,7 +138,7 @@ def test_auto_decoder_falls_back_to_hf_on_sliding_layers_and_fast_is_refused(cap
     full, _ = tiny_family_model("qwen3")
     other = new_target(full, make_compressor("chunkkv", ratio=0.5))
     prefill(full, torch.randint(0, 128, (1, 20)), [other])
-    assert resolve_decoder("auto", cuda, None, other.cache) == "fast"
+    assert resolve_decoder("auto", cuda, None, other.cache) == "compiled"
 
 
 def test_memory_counts_each_layer_type():

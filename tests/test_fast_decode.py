@@ -125,18 +125,13 @@ def test_a_stacked_sibling_never_returns_a_slice_of_another_input(model):
         torch.testing.assert_close(got, torch.nn.functional.linear(inp, k_weight))
 
 
-def test_auto_compiles_once_the_process_has_decoded_enough_steps_to_repay_it(monkeypatch):
-    from chunkkv_cli import compiled
+def test_auto_compiles_on_a_gpu_and_keeps_hf_on_the_cpu():
     from chunkkv_cli.generate import resolve_decoder
 
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(compiled.StepCount, "total", 0)
-    assert resolve_decoder("auto", gpu, steps=256) == "fast"
-    assert resolve_decoder("auto", gpu, steps=compiled.PAYS_AFTER_STEPS) == "compiled"  # one long answer
-    monkeypatch.setattr(compiled.StepCount, "total", compiled.PAYS_AFTER_STEPS - 100)  # many answers so far
-    assert resolve_decoder("auto", gpu, steps=100) == "compiled"
-    assert resolve_decoder("auto", cpu, steps=100) == "hf"
-    assert resolve_decoder("fast", gpu, steps=100) == "fast"
+    assert resolve_decoder("auto", gpu) == "compiled"
+    assert resolve_decoder("auto", cpu) == "hf"
+    assert resolve_decoder("fast", gpu) == "fast"
 
 
 def test_a_failed_compile_decodes_uncompiled_with_a_note_when_auto_chose_it(model, prompt, monkeypatch, caplog):

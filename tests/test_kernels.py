@@ -26,7 +26,7 @@ else:
 
 from chunkkv_cli.compress.base import gather_tokens, grouped_decode_attention  # noqa: E402
 from chunkkv_cli.compress.clusterkv import kmeans_cosine, members, select_tokens  # noqa: E402
-from chunkkv_cli.cluster_kernels import select_clusters  # noqa: E402
+from chunkkv_cli.cluster_kernels import cluster_attention, select_clusters  # noqa: E402
 
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
@@ -50,22 +50,27 @@ def test_split_kv_kernel_matches_masked_reference(batch, q_heads, kv_heads, capa
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("batch,q_heads,kv_heads,d", [(2, 8, 2, 64), (3, 9, 3, 32), (1, 4, 4, 16)])
-def test_indexed_attention_reads_the_listed_rows_then_the_filled_tail(batch, q_heads, kv_heads, d):
+@pytest.mark.parametrize("batch,q_heads,kv_heads,d,room", [(2, 8, 2, 64, 150), (3, 9, 3, 32, 0), (1, 4, 4, 16, 1)])
+def test_cluster_attention_reads_sinks_chosen_members_then_the_filled_tail(batch, q_heads, kv_heads, d, room):
     gen = torch.Generator().manual_seed(0)
-    capacity, tail_start, n_index = 300, 240, 70
-    q, k = randn(batch, q_heads, 1, d, gen=gen), randn(batch, kv_heads, capacity, d, gen=gen)
-    v = randn(batch, kv_heads, capacity, d, gen=gen)
-    index = torch.rand(batch, kv_heads, tail_start, generator=gen).argsort(-1)[..., :n_index].to(DEVICE)
+    sinks, clustered_len = 5, 500
+    centroids, order, offsets = clustered(batch, kv_heads, clustered_len, 37, d, gen, sinks)
+    tail_start = sinks + clustered_len
+    capacity = tail_start + 40
+    query = torch.randn(batch, q_heads, 1, d, generator=gen).to(DTYPE).float()  # the kernel's query, exactly
+    k, v = randn(batch, kv_heads, capacity, d, gen=gen), randn(batch, kv_heads, capacity, d, gen=gen)
     filled = torch.tensor([capacity, tail_start + 5, tail_start][:batch], dtype=torch.int32, device=DEVICE)
     unfilled = torch.arange(capacity, device=DEVICE)[None, :] >= filled[:, None]
     k.masked_fill_(unfilled[:, None, :, None], 100.0)  # attending an unfilled slot would swamp the result
-    lengths = filled + (n_index - tail_start)
-    got = decode_kernel.decode_attention_indexed(q, k, v, index, lengths, tail_start, 0.2)
+    lengths = filled + (sinks + room - tail_start)
+    got = cluster_attention(query.to(DEVICE, DTYPE), k, v, *(t.to(DEVICE) for t in (centroids, order, offsets)),
+                            lengths, sinks, room, tail_start, 0.2)  # fmt: skip
+    chosen = select_tokens(query, centroids, order, offsets, room).to(DEVICE)
+    index = torch.cat([torch.arange(sinks, device=DEVICE).expand(batch, kv_heads, sinks), chosen], dim=-1)
     for seq in range(batch):
         picked = [torch.cat([gather_tokens(t[seq : seq + 1], index[seq : seq + 1]),
                              t[seq : seq + 1, :, tail_start : int(filled[seq])]], dim=2) for t in (k, v)]  # fmt: skip
-        expected = grouped_decode_attention(q[seq : seq + 1].float(), picked[0].float(), picked[1].float(), 0.2)
+        expected = grouped_decode_attention(query[seq : seq + 1].to(DEVICE), picked[0].float(), picked[1].float(), 0.2)
         torch.testing.assert_close(got[seq : seq + 1].float(), expected, rtol=2e-2, atol=2e-2)
 
 

@@ -132,7 +132,7 @@ def test_auto_decoder_is_hf_when_the_cache_spans_devices():
         return SimpleNamespace(layers=[SimpleNamespace(keys=torch.empty(0, device=d)) for d in devices])
 
     gpu = torch.device("cuda")
-    assert resolve_decoder("auto", gpu, cache=cache("meta", "meta")) == "fast"
+    assert resolve_decoder("auto", gpu, cache=cache("meta", "meta")) == "compiled"
     assert resolve_decoder("auto", gpu, cache=cache("meta", "cpu")) == "hf"
     with pytest.raises(ChunkKVError, match="split: use --decoder hf"):
         resolve_decoder("fast", gpu, cache=cache("meta", "cpu"))

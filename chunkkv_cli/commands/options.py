@@ -82,10 +82,10 @@ TrustRemoteCodeOpt = Annotated[bool, typer.Option(help="Allow code shipped in a 
 DecoderOpt = Annotated[
     str,
     typer.Option(
-        help="auto (hf on the CPU; on a GPU fast, then compiled once this run has decoded enough tokens to repay "
-        "the compile, ~3,000), hf (a transformers forward per token), fast (static cache, split-KV attention kernel, "
-        "one CUDA graph per step) or compiled (fast with each layer compiled by Inductor: faster steps after a "
-        "one-time compile, a few seconds for an 8B model, kept in ~/.cache/chunkkv/inductor).",
+        help="auto (hf on the CPU, compiled on a GPU), hf (a transformers forward per token), fast (static cache, "
+        "split-KV attention kernel, one CUDA graph per step, no compile) or compiled (fast with each layer compiled "
+        "by Inductor: steps near the bandwidth floor after a one-time compile, 5-12 s for an 8B model, printed and "
+        "kept in ~/.cache/chunkkv/inductor for later runs).",
     ),
 ]
 

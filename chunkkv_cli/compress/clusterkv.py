@@ -177,7 +177,7 @@ def cluster_scores(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor
     gives one selection per KV head, so the gathered K/V are shared by the group (as GQA stores them).
     """
     q = group_queries(query.float(), centroids.shape[1]).sum(dim=2)  # (b, kv_heads, 1, d)
-    return (q @ centroids.transpose(-1, -2)).squeeze(-2)
+    return (q @ centroids.float().transpose(-1, -2)).squeeze(-2)
 
 
 def select_tokens(query, centroids, order, offsets, budget: int):
@@ -198,7 +198,10 @@ def select_tokens(query, centroids, order, offsets, budget: int):
 
 @dataclass
 class LayerClusters:
-    """One layer's clusters: unit centroids (batch, kv_heads, C, d), members in CSR form, clustered span."""
+    """One layer's clusters: unit centroids (batch, kv_heads, C, d), members in CSR form, clustered span.
+
+    Centroids are kept in the keys' precision: each decode step reads all of them to rank the clusters, and
+    bf16 halves that read (k-means itself runs in float32)."""
 
     centroids: torch.Tensor
     order: torch.Tensor
@@ -210,7 +213,7 @@ class LayerClusters:
         """Cluster keys (the next tokens after clustered_end) and add their clusters."""
         centroids, assign = kmeans_cosine(keys, min(n_clusters, keys.shape[2]), iterations)
         order, offsets = members(assign, centroids.shape[2], self.clustered_end)
-        self.centroids = torch.cat([self.centroids, centroids], dim=2)
+        self.centroids = torch.cat([self.centroids, centroids.to(self.centroids.dtype)], dim=2)
         self.order = torch.cat([self.order, order], dim=-1)
         self.offsets = torch.cat([self.offsets, offsets[..., 1:] + self.offsets[..., -1:]], dim=-1)
         self.clustered_end += keys.shape[2]
@@ -329,21 +332,39 @@ class ClusterState(Route):
         values = torch.cat([value[:, :, :sinks], recalled[1], value[:, :, sinks:]], dim=2)
         return grouped_decode_attention(query, keys, values, scaling)
 
-    def static_index(self, layer_idx: int, query, capacity: int) -> tuple[torch.Tensor, int] | None:
+    def static_index(self, layer_idx: int, capacity: int) -> tuple[int, int, int] | None:
         """The fast decoder's selection: fixed shapes, so one CUDA graph serves every step.
 
         The layer's K/V sit in a static buffer of `capacity` slots. Every slot after the clustered
         prompt is attended (generated tokens are not re-clustered here), so fewer clusters are taken
-        to keep sinks + clusters + those slots within the budget. Returns (index, tail_start): attend
-        the positions in index (batch, kv_heads, n), then the slots from tail_start on that are filled;
+        to keep sinks + clusters + those slots within the budget. Returns (sinks, room, tail_start): attend
+        the sinks, `room` members of the best clusters, then the slots from tail_start on that are filled;
         None for a layer attended in full.
         """
         state = self.clusters(layer_idx)
         if state is None:
             return None
-        tail_start = state.clustered_end
-        room = max(0, self.budget - self.sinks_of(state) - (capacity - tail_start))
-        return self.sinks_and_chosen(state, query, room), tail_start
+        sinks, tail_start = self.sinks_of(state), state.clustered_end
+        room = min(max(0, self.budget - sinks - (capacity - tail_start)), state.order.shape[-1])
+        return sinks, room, tail_start
+
+    def static_attend(self, layer_idx: int, query, key, value, filled: torch.Tensor, scaling: float):
+        """The fast decoder's attention: the static selection over static buffers whose first `filled` (batch,)
+        slots hold tokens; None for a layer attended in full."""
+        picked = self.static_index(layer_idx, key.shape[2])
+        if picked is None:
+            return None
+        sinks, room, tail_start = picked
+        state = self.clusters(layer_idx)
+        lengths = filled + (sinks + room - tail_start)
+        if cluster_kernels.available(query.device, query.shape[-1]):
+            return cluster_kernels.cluster_attention(
+                query, key, value, state.centroids, state.order, state.offsets, lengths, sinks, room, tail_start, scaling
+            )
+        index = self.sinks_and_chosen(state, query, room)
+        key, value = (torch.cat([gather_tokens(t, index), t[:, :, tail_start:]], dim=2) for t in (key, value))
+        mask = torch.arange(key.shape[2], device=key.device)[None, :] < lengths[:, None]
+        return grouped_decode_attention(query, key, value, scaling, mask)
 
 
 def _fit_layers(comp: ClusterKV, cache, layer_ids: list[int]) -> list[LayerClusters]:
@@ -352,7 +373,7 @@ def _fit_layers(comp: ClusterKV, cache, layer_ids: list[int]) -> list[LayerClust
     b, h, n, d = keys[0].shape
     sinks = min(comp.sinks, n)
     states = [
-        LayerClusters(k.new_zeros(b, h, 0, d, dtype=torch.float32),
+        LayerClusters(k.new_zeros(b, h, 0, d),
                       torch.zeros(b, h, 0, dtype=torch.long, device=k.device),
                       torch.zeros(b, h, 1, dtype=torch.long, device=k.device), sinks)
         for k in keys
@@ -368,5 +389,5 @@ def _fit_layers(comp: ClusterKV, cache, layer_ids: list[int]) -> list[LayerClust
     for state, key, fitted in zip(states, keys, centroids.split(b, dim=0)):
         assign = cluster_kernels.nearest_centroids(key[:, :, sinks:], fitted)[1]
         order, offsets = members(assign, n_clusters, sinks)
-        state.centroids, state.order, state.offsets, state.clustered_end = fitted, order, offsets, n
+        state.centroids, state.order, state.offsets, state.clustered_end = fitted.to(key.dtype), order, offsets, n
     return states
