@@ -54,8 +54,9 @@ def dense_calls(batch: int, kept: int):
     return calls
 
 
-def cluster_calls(attend: bool, batch: int = 8, tokens: int = 32768, clusters: int = 400, sinks: int = 16, room: int = 1008):
-    """ClusterKV's clustered layers (budget 1024): ranking and attention (`attend`), or ranking and listing the slots."""
+def cluster_calls(what: str, batch: int = 8, tokens: int = 32768, clusters: int = 400, sinks: int = 16, room: int = 1008):
+    """ClusterKV's clustered layers (budget 1024): `what` is "attend" (ranking and attention), "select" (ranking and
+    listing the slots) or "rank" (ranking alone)."""
     g = torch.Generator(device="cuda").manual_seed(1)
     calls = []
     for _ in range(LAYERS - 2):
@@ -66,8 +67,11 @@ def cluster_calls(attend: bool, batch: int = 8, tokens: int = 32768, clusters: i
         order = assign.argsort(dim=-1) + sinks
         counts = torch.zeros(batch, KV_HEADS, clusters, dtype=torch.long, device="cuda").scatter_add_(2, assign, torch.ones_like(assign))
         offsets = torch.nn.functional.pad(counts.cumsum(-1), (1, 0))
-        if not attend:
+        if what == "select":
             calls.append(lambda q=q, c=c, o=order, f=offsets: cluster_kernels.select_clusters(q, c, o, f, sinks, room))
+            continue
+        if what == "rank":
+            calls.append(lambda q=q, c=c, o=order, f=offsets: cluster_kernels._rank(q, c, o, f, sinks, room, 0).shift)
             continue
         k, v = (torch.randn(batch, KV_HEADS, tokens + NEW, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "kv")
         lengths = torch.full((batch,), sinks + room + 8, device="cuda", dtype=torch.int32)
@@ -110,14 +114,14 @@ def main() -> None:
         if not wanted or name in wanted:
             rows += sweep(name, dense_calls(batch, kept), decode_kernel, attention_grid)
             torch.cuda.empty_cache()
-    cluster_grid = {"INDEXED_TARGET_PROGRAMS": [512, 1024, 2048], "INDEXED_WARPS": [2, 4], "BLOCK_E": [32, 64, 128],
-                    "BLOCK_N": [32, 64]}  # fmt: skip
+    cluster_grid = {"INDEXED_TARGET_PROGRAMS": [512, 1024, 2048], "INDEXED_WARPS": [2, 4], "BLOCK_N": [32, 64]}
     if not wanted or "clusterkv_b8_32k" in wanted:
-        rows += sweep("clusterkv_b8_32k", cluster_calls(attend=True), decode_kernel, cluster_grid)
+        rows += sweep("clusterkv_b8_32k", cluster_calls("attend"), decode_kernel, cluster_grid)
         torch.cuda.empty_cache()
     rank_grid = {"RANK_WARPS": [2, 4, 8], "RANK_BLOCK_C": [128, 256, 512]}
-    if not wanted or "clusterkv_rank_b8_32k" in wanted:
-        rows += sweep("clusterkv_rank_b8_32k", cluster_calls(attend=False), cluster_kernels, rank_grid)
+    for name, what in (("clusterkv_rank_b8_32k", "select"), ("clusterkv_rankonly_b8_32k", "rank")):
+        if not wanted or name in wanted:
+            rows += sweep(name, cluster_calls(what), cluster_kernels, rank_grid)
     best = {}
     for row in rows:
         if "us" in row and row.get("max_diff", 0) <= 0.02 and row["us"] < best.get(row["shape"], {"us": 1e9})["us"]:

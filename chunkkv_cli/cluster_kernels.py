@@ -80,7 +80,7 @@ def select_clusters(
     c_pad = ranked.ends.shape[-1]
     _fill_kernel[(b * kv_heads, triton.cdiv(sinks + room, BLOCK_M))](
         order, ranked.ends, ranked.shift, out, *order.stride()[:2], *out.stride()[:2], sinks, room,
-        KV_HEADS=kv_heads, C_PAD=c_pad, BLOCK_E=min(decode_kernel.BLOCK_E, c_pad), BLOCK_M=BLOCK_M,
+        KV_HEADS=kv_heads, C_PAD=c_pad, BLOCK_M=BLOCK_M,
     )  # fmt: skip
     return out
 
@@ -200,7 +200,7 @@ if triton is not None:
     @triton.jit
     def _fill_kernel(
         ORDER, ENDS, SHIFT, OUT, stride_ob, stride_oh, stride_outb, stride_outh, sinks, room,
-        KV_HEADS: tl.constexpr, C_PAD: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+        KV_HEADS: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     ):  # fmt: skip
         """BLOCK_M output slots of one (sequence, KV head), sinks then chosen members (`decode_kernel.Ranked`)."""
         pid = tl.program_id(0)
@@ -208,5 +208,5 @@ if triton is not None:
         h = pid % KV_HEADS
         slots = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = ranked_rows(slots, ORDER + b * stride_ob + h * stride_oh, ENDS + pid * C_PAD, SHIFT + pid * C_PAD,
-                           sinks, room, 0, C_PAD, BLOCK_E)  # fmt: skip
+                           sinks, room, 0, C_PAD)  # fmt: skip
         tl.store(OUT + b * stride_outb + h * stride_outh + slots, rows, mask=slots < sinks + room)

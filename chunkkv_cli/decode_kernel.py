@@ -29,7 +29,6 @@ NUM_WARPS = 4
 # smaller programs hide that latency (benchmarks/decode_kernel_sweep.py: 19.3 -> 16.6 us a layer at batch 8, H200).
 INDEXED_TARGET_PROGRAMS = 1024
 INDEXED_WARPS = 2
-BLOCK_E = 64  # cluster ends compared per tile when a slot looks up its cluster
 
 
 class Ranked(NamedTuple):
@@ -113,14 +112,14 @@ def launch(query, key, value, lengths, scaling: float, ranked: Ranked | None = N
     splits, chunk = split_plan(slots, b * kv_heads, target)
     partial = torch.empty(b * kv_heads * splits, group_pad, d, device=query.device, dtype=torch.float32)
     stats = torch.empty(b * kv_heads * splits, group_pad, 2, device=query.device, dtype=torch.float32)
-    c_pad = ends.shape[-1] if ranked is not None else BLOCK_E
+    c_pad = ends.shape[-1] if ranked is not None else 1
     _split_attention[(b * kv_heads, splits)](
         query, key, value, lengths, order, ends, shift, partial, stats,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), order.stride(0), order.stride(1),
         sinks, room, tail_start, scaling,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, D=d, BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits,
-        RANKED=ranked is not None, C_PAD=c_pad, BLOCK_E=min(BLOCK_E, c_pad), num_warps=warps,
+        RANKED=ranked is not None, C_PAD=c_pad, num_warps=warps,
     )  # fmt: skip
     out = torch.empty(b, 1, q_heads, d, device=query.device, dtype=query.dtype)
     _merge_splits[(b * kv_heads, group)](
@@ -161,14 +160,15 @@ if triton is not None:
         tl.store(STATS + slot * 2 + 1, total)
 
     @triton.jit
-    def ranked_rows(cols, ORDER, ENDS, SHIFT, sinks, room, tail_start, C_PAD: tl.constexpr, BLOCK_E: tl.constexpr):
+    def ranked_rows(cols, ORDER, ENDS, SHIFT, sinks, room, tail_start, C_PAD: tl.constexpr):
         """Buffer rows of slots `cols` laid out as `Ranked` says; ENDS/SHIFT/ORDER point at one (sequence, KV head)."""
         j = cols - sinks
         chosen = (j >= 0) & (j < room)
-        rank = tl.zeros_like(cols)
-        for e0 in range(0, C_PAD, BLOCK_E):  # rank = searchsorted(ends, j, right=True), a tile of ends at a time
-            ends = tl.load(ENDS + e0 + tl.arange(0, BLOCK_E))
-            rank += tl.sum((ends[None, :] <= j[:, None]).to(tl.int32), 1)
+        rank = tl.zeros_like(cols)  # searchsorted(ends, j, right=True): a binary search, each step a gather from L1
+        step = C_PAD // 2
+        while step > 0:
+            rank = tl.where(tl.load(ENDS + rank + step - 1) <= j, rank + step, rank)
+            step = step // 2
         source = tl.load(SHIFT + rank, mask=chosen, other=0) + j
         member = tl.load(ORDER + source, mask=chosen, other=0)
         return tl.where(j < 0, cols, tl.where(chosen, member, j - room + tail_start))
@@ -180,7 +180,7 @@ if triton is not None:
         sinks, room, tail_start, scaling,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, RANKED: tl.constexpr,
-        C_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+        C_PAD: tl.constexpr,
     ):  # fmt: skip
         seq_head = tl.program_id(0)
         split = tl.program_id(1)
@@ -201,7 +201,7 @@ if triton is not None:
             inside = cols < end
             if RANKED:
                 rows_at = ranked_rows(cols, ORDER + b * stride_ob + h * stride_oh, ENDS + seq_head * C_PAD,
-                                      SHIFT + seq_head * C_PAD, sinks, room, tail_start, C_PAD, BLOCK_E)  # fmt: skip
+                                      SHIFT + seq_head * C_PAD, sinks, room, tail_start, C_PAD)  # fmt: skip
             else:
                 rows_at = cols
             k = tl.load(k_base + rows_at[:, None] * stride_kn + dims[None, :], mask=inside[:, None], other=0.0)
