@@ -26,8 +26,8 @@ if triton is not None:
 __all__ = ["available", "cluster_attention", "nearest_centroids", "select_clusters"]
 
 BLOCK_C = 32  # centroids per tile in nearest_centroids
-RANK_BLOCK_C = 256  # centroids scored per tile when ranking
-RANK_WARPS = 4  # ranking 400 clusters: 23.8 us a layer at batch 8 vs 32.7 with 8 warps (decode_kernel_sweep.py, H200)
+RANK_BLOCK_C = 512  # centroids scored per tile when ranking
+RANK_WARPS = 8  # 400 bf16 centroids, batch 8: 10.9 us a layer vs 16.5 at 4 warps / 256 (decode_kernel_sweep.py, H200)
 BLOCK_M = 64  # output slots per program
 BLOCK_N = 128  # keys per program in nearest_centroids
 
