@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -138,7 +139,8 @@ def main() -> None:
     seqs = [int(s) for s in args.seqs.split(",")]
     model = build_random_model(load_profile(args.model), torch.device(DEVICE), torch.bfloat16 if DEVICE == "cuda" else torch.float32,
                                max_position_embeddings=max(seqs) + 1024)  # fmt: skip
-    report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "model": args.model,
+    report = {"command": "python " + " ".join(sys.argv),
+              "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "model": args.model,
               "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": []}  # fmt: skip
     if args.gemv:
         report["gemv"] = gemv_rows(model, bandwidth)

@@ -5,10 +5,12 @@ similarity matrix, writes it out and reads it back for the max; at 32k tokens an
 head that round trip costs more than the matrix product. Here each program multiplies a tile of
 keys by every centroid in turn and keeps only the running best.
 
-`select_clusters` (each decode step, each layer): in PyTorch about twenty small kernels (scores,
+Choosing clusters (each decode step, each layer): in PyTorch about twenty small kernels (scores,
 argsort, cumulative sizes, searchsorted, gathers, concatenation), whose launches cost more than
 reading the chosen tokens. Here one program per (sequence, KV head) scores the centroids against
-the summed group query, sorts them, and lists the members of the best ones until the budget is full.
+the summed group query, sorts them, and lays the members of the ranked clusters end to end (`_rank`).
+`cluster_attention` (the fast decoders) hands that layout to the split-KV attention kernel, which
+finds each slot's token itself; `select_clusters` (the hf decoder) lists the positions.
 """
 
 from __future__ import annotations

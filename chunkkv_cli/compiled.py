@@ -80,9 +80,25 @@ def compiled_regions(model):
             del module.forward
 
 
-def report_compile(seconds: float) -> None:
-    """One line on stderr with the one-time cost, so a slow first token is not taken for a slow decoder."""
+_built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> batch sizes compiled in this process
+
+
+def first_build(model, batch: int) -> bool:
+    """True the first time this process compiles a decode step of `model` at `batch` (the slow build); records it."""
+    sizes = _built.setdefault(model, set())
+    first = batch not in sizes
+    sizes.add(batch)
+    return first
+
+
+def announce_compile() -> None:
+    """A line before the one-time build, so the pause before the first token is explained while it lasts."""
     logging.getLogger("chunkkv").warning(
-        "note: compiled decode step ready in %.1f s (compiled once per model shape and batch size; kept in %s for later runs)",
-        seconds, os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's cache"),
+        "note: compiling the decode step (once per model shape and batch size; later runs reuse %s) ...",
+        os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's cache"),
     )
+
+
+def report_compile(seconds: float) -> None:
+    """The one-time cost, so a slow first token is not taken for a slow decoder."""
+    logging.getLogger("chunkkv").warning("note: decode step compiled in %.1f s", seconds)

@@ -5,7 +5,8 @@ buffer. SDPA cannot do this well: with a slot mask it runs one thread block per 
 head) that walks the whole buffer alone, 8 blocks on a 132-SM GPU at batch 1. Here the buffer is
 cut into splits that run in parallel, each keeping a running max and sum (online softmax), and a
 second kernel merges the splits. The query heads of a KV group are the rows of one tile, so keys
-and values are read once per group, never repeated.
+and values are read once per group, never repeated. In the ranked mode (`Ranked`, ClusterKV) each slot's
+buffer row is looked up inside the kernel, so the chosen tokens are read in place, never gathered.
 """
 
 from __future__ import annotations

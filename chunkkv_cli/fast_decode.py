@@ -15,7 +15,7 @@ import time
 import torch
 
 from chunkkv_cli import decode_kernel
-from chunkkv_cli.compiled import compiled_regions, report_compile
+from chunkkv_cli.compiled import announce_compile, compiled_regions, first_build, report_compile, use_persistent_cache
 from chunkkv_cli.compress.base import grouped_decode_attention
 from chunkkv_cli.engine import drop_layer, forward
 from chunkkv_cli.errors import note_once
@@ -139,6 +139,10 @@ class FastDecoder:
     def _prepare(self) -> None:
         """Compile (where asked) and capture (on CUDA); a failed compile decodes uncompiled if `fall_back`, else raises."""
         start = time.perf_counter()
+        loud = self.compile and first_build(self.model, self.token.shape[0])
+        if loud:
+            use_persistent_cache()  # so the line names the folder the kernels go to
+            announce_compile()
         try:
             self._build()
         except Exception as error:  # Dynamo and Inductor raise many types; any of them means no compiled step
@@ -147,7 +151,7 @@ class FastDecoder:
             note_once(f"compiling the decode step failed ({type(error).__name__}): decoding uncompiled (--decoder fast)")
             self.compile = False
             self._build()
-        if self.compile:
+        if loud and self.compile:
             report_compile(time.perf_counter() - start)
         self.prepared = True
 

@@ -154,3 +154,26 @@ def test_a_failed_compile_decodes_uncompiled_with_a_note_when_auto_chose_it(mode
         with caplog.at_level("WARNING", logger="chunkkv"):
             assert torch.equal(decode(model, None, pre.logits, PROMPT_LEN, 16, step=step), expected)
         assert "compiling the decode step failed (RuntimeError)" in caplog.text
+
+
+def test_the_one_time_compile_is_announced_before_and_timed_after_once_per_batch_size(model, prompt, monkeypatch, caplog):
+    from chunkkv_cli import compiled
+    from chunkkv_cli.fast_decode import FastDecoder
+
+    monkeypatch.setattr(FastDecoder, "_build", lambda self: None)  # the wiring, not Inductor, is under test
+    monkeypatch.setattr(compiled, "_built", compiled.weakref.WeakKeyDictionary())
+    monkeypatch.setenv("CHUNKKV_CACHE", "/nonexistent/chunkkv-cache")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    lines = []
+    for batch in (2, 2, 1):
+        target = new_target(model, make_compressor("chunkkv", budget=40, window=8))
+        prefill(model, prompt[:batch], [target])
+        decoder = FastDecoder(model, target.cache, PROMPT_LEN, 4, use_graph=False, compile=True)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="chunkkv"):
+            decoder._prepare()
+        lines.append([r.getMessage() for r in caplog.records])
+    first, again, other_batch = lines
+    assert len(first) == 2 and first[0].startswith("note: compiling the decode step") and "/nonexistent/chunkkv-cache" in first[0]
+    assert first[1].startswith("note: decode step compiled in")
+    assert again == [] and len(other_batch) == 2  # a new batch size compiles again
