@@ -105,6 +105,19 @@ def test_cluster_selection_kernel_on_kmeans_clusters_of_real_shape():
     assert torch.equal(got[..., 16:], select_tokens(query, centroids, order, offsets, 1000))
 
 
+def test_cluster_kernels_with_nothing_clustered_attend_the_sinks_and_the_tail():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = randn(2, 4, 1, 16, gen=gen), randn(2, 2, 12, 16, gen=gen), randn(2, 2, 12, 16, gen=gen)
+    centroids, order = torch.zeros(2, 2, 0, 16, device=DEVICE), torch.zeros(2, 2, 0, dtype=torch.long, device=DEVICE)
+    offsets = torch.zeros(2, 2, 1, dtype=torch.long, device=DEVICE)
+    assert select_clusters(q, centroids, order, offsets, 5, 0).cpu().eq(torch.arange(5)).all()
+    lengths = torch.tensor([12, 9], dtype=torch.int32, device=DEVICE)  # 5 sinks, then the tail from slot 5
+    got = cluster_attention(q, k, v, centroids, order, offsets, lengths, 5, 0, 5, 0.25)
+    for seq, n in enumerate((12, 9)):
+        expected = grouped_decode_attention(q[seq : seq + 1].float(), k[seq : seq + 1, :, :n].float(), v[seq : seq + 1, :, :n].float(), 0.25)
+        torch.testing.assert_close(got[seq : seq + 1].float(), expected, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("n,n_clusters", [(1000, 37), (129, 130), (64, 1)])
 def test_nearest_centroid_kernel_finds_the_most_similar_centroid(n, n_clusters):
     from chunkkv_cli.cluster_kernels import _nearest
