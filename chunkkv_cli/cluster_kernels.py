@@ -116,7 +116,7 @@ def _rank(query, centroids, order, offsets, sinks: int, room: int, tail_start: i
     """One program per (sequence, KV head) scores and ranks the clusters and lays out their members."""
     b, q_heads, _, d = query.shape
     kv_heads, n_clusters = centroids.shape[1], centroids.shape[2]
-    c_pad = max(1, triton.next_power_of_2(n_clusters))  # no clusters: a prompt no longer than the sinks
+    c_pad = max(16, triton.next_power_of_2(n_clusters))  # Triton builds no sort or scan of a 1-element tile
     if c_pad > 1 << 16:
         raise ValueError(f"ClusterKV's kernels take up to 65536 clusters, got {n_clusters}")
     ends = torch.empty(b * kv_heads, c_pad, dtype=torch.int32, device=query.device)
