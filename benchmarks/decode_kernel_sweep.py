@@ -114,7 +114,7 @@ def main() -> None:
         if not wanted or name in wanted:
             rows += sweep(name, dense_calls(batch, kept), decode_kernel, attention_grid)
             torch.cuda.empty_cache()
-    cluster_grid = {"INDEXED_TARGET_PROGRAMS": [512, 1024, 2048], "INDEXED_WARPS": [2, 4], "BLOCK_N": [32, 64]}
+    cluster_grid = {"RANKED_TARGET_PROGRAMS": [512, 1024, 2048], "RANKED_WARPS": [2, 4], "BLOCK_N": [32, 64]}
     if not wanted or "clusterkv_b8_32k" in wanted:
         rows += sweep("clusterkv_b8_32k", cluster_calls("attend"), decode_kernel, cluster_grid)
         torch.cuda.empty_cache()

@@ -29,7 +29,7 @@ __all__ = ["available", "cluster_attention", "nearest_centroids", "select_cluste
 
 BLOCK_C = 32  # centroids per tile in nearest_centroids
 RANK_BLOCK_C = 512  # centroids scored per tile when ranking
-RANK_WARPS = 8  # 400 bf16 centroids, batch 8: 10.9 us a layer vs 16.5 at 4 warps / 256 (decode_kernel_sweep.py, H200)
+RANK_WARPS = 8  # 400 bf16 centroids, batch 8: 10.9 us a layer vs 16.8 at 4 warps / 256 (decode_kernel_sweep.py, H200)
 BLOCK_M = 64  # output slots per program
 BLOCK_N = 128  # keys per program in nearest_centroids
 
@@ -116,9 +116,12 @@ def _rank(query, centroids, order, offsets, sinks: int, room: int, tail_start: i
     """One program per (sequence, KV head) scores and ranks the clusters and lays out their members."""
     b, q_heads, _, d = query.shape
     kv_heads, n_clusters = centroids.shape[1], centroids.shape[2]
-    c_pad = max(16, triton.next_power_of_2(n_clusters))  # Triton builds no sort or scan of a 1-element tile
+    # At least 16 slots: with 0 or 1 cluster the sort and scan of a 1-element tile failed to build on the GPU.
+    c_pad = max(16, triton.next_power_of_2(n_clusters))
     if c_pad > 1 << 16:
         raise ValueError(f"ClusterKV's kernels take up to 65536 clusters, got {n_clusters}")
+    if room > order.shape[-1]:
+        raise ValueError(f"room {room} exceeds the {order.shape[-1]} clustered tokens")
     ends = torch.empty(b * kv_heads, c_pad, dtype=torch.int32, device=query.device)
     shift = torch.empty(b * kv_heads, c_pad, dtype=torch.long, device=query.device)
     group = q_heads // kv_heads

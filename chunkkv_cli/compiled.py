@@ -83,12 +83,13 @@ def compiled_regions(model):
 _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> batch sizes compiled in this process
 
 
-def first_build(model, batch: int) -> bool:
-    """True the first time this process compiles a decode step of `model` at `batch` (the slow build); records it."""
-    sizes = _built.setdefault(model, set())
-    first = batch not in sizes
-    sizes.add(batch)
-    return first
+def is_built(model, batch: int) -> bool:
+    """Whether this process has compiled a decode step of `model` at `batch` (later builds take a fraction of a second)."""
+    return batch in _built.get(model, ())
+
+
+def mark_built(model, batch: int) -> None:
+    _built.setdefault(model, set()).add(batch)
 
 
 def announce_compile() -> None:

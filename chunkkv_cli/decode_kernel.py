@@ -26,10 +26,10 @@ except ImportError:  # CPU wheels of torch come without Triton
 BLOCK_N = 64
 TARGET_PROGRAMS = 256  # enough thread blocks to occupy every SM a few times over
 NUM_WARPS = 4
-# A ranked launch (ClusterKV) reads rows through an index, a dependent load the compiler cannot pipeline: more,
-# smaller programs hide that latency (benchmarks/decode_kernel_sweep.py: 19.3 -> 16.6 us a layer at batch 8, H200).
-INDEXED_TARGET_PROGRAMS = 1024
-INDEXED_WARPS = 2
+# A ranked launch (ClusterKV) reads rows through a lookup, dependent loads the compiler cannot pipeline: more,
+# smaller programs hide that latency (benchmarks/decode_kernel_sweep.py, H200: best of 512-2048 programs, 2-4 warps).
+RANKED_TARGET_PROGRAMS = 1024
+RANKED_WARPS = 2
 
 
 class Ranked(NamedTuple):
@@ -107,7 +107,7 @@ def launch(query, key, value, lengths, scaling: float, ranked: Ranked | None = N
         target, warps, slots = TARGET_PROGRAMS, NUM_WARPS, capacity
         order, ends, shift, sinks, room, tail_start = key, lengths, lengths, 0, 0, 0  # unread without RANKED
     else:
-        target, warps = INDEXED_TARGET_PROGRAMS, INDEXED_WARPS
+        target, warps = RANKED_TARGET_PROGRAMS, RANKED_WARPS
         order, ends, shift, sinks, room, tail_start = ranked
         slots = sinks + room + capacity - tail_start
     splits, chunk = split_plan(slots, b * kv_heads, target)

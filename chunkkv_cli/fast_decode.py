@@ -15,7 +15,7 @@ import time
 import torch
 
 from chunkkv_cli import decode_kernel
-from chunkkv_cli.compiled import announce_compile, compiled_regions, first_build, report_compile, use_persistent_cache
+from chunkkv_cli.compiled import announce_compile, compiled_regions, is_built, mark_built, report_compile, use_persistent_cache
 from chunkkv_cli.compress.base import grouped_decode_attention
 from chunkkv_cli.engine import drop_layer, forward
 from chunkkv_cli.errors import note_once
@@ -139,7 +139,8 @@ class FastDecoder:
     def _prepare(self) -> None:
         """Compile (where asked) and capture (on CUDA); a failed compile decodes uncompiled if `fall_back`, else raises."""
         start = time.perf_counter()
-        loud = self.compile and first_build(self.model, self.token.shape[0])
+        batch = self.token.shape[0]
+        loud = self.compile and not is_built(self.model, batch)
         if loud:
             use_persistent_cache()  # so the line names the folder the kernels go to
             announce_compile()
@@ -153,6 +154,7 @@ class FastDecoder:
             self._build()
         if loud and self.compile:
             report_compile(time.perf_counter() - start)
+            mark_built(self.model, batch)
         self.prepared = True
 
     def _build(self) -> None:

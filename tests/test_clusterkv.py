@@ -171,7 +171,7 @@ def test_fast_decoder_attends_sinks_chosen_clusters_and_every_new_slot_within_th
     assert state.static_index(1, PROMPT_LEN + 10) is None  # full layers
 
 
-def test_static_attention_reads_the_index_then_the_filled_new_slots_only(model, prompt):
+def test_static_attention_reads_sinks_chosen_members_then_the_filled_new_slots_only(model, prompt):
     from chunkkv_cli.compress.base import grouped_decode_attention
     from chunkkv_cli.fast_decode import StaticKV
 

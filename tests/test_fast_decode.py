@@ -177,3 +177,14 @@ def test_the_one_time_compile_is_announced_before_and_timed_after_once_per_batch
     assert len(first) == 2 and first[0].startswith("note: compiling the decode step") and "/nonexistent/chunkkv-cache" in first[0]
     assert first[1].startswith("note: decode step compiled in")
     assert again == [] and len(other_batch) == 2  # a new batch size compiles again
+
+    def broken(self):
+        if self.compile:
+            raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(FastDecoder, "_build", broken)
+    monkeypatch.setattr(compiled, "_built", compiled.weakref.WeakKeyDictionary())
+    target = new_target(model, make_compressor("chunkkv", budget=40, window=8))
+    prefill(model, prompt, [target])
+    FastDecoder(model, target.cache, PROMPT_LEN, 4, use_graph=False, compile=True, fall_back=True)._prepare()
+    assert not compiled.is_built(model, 2)  # a failed compile is not taken for a built one

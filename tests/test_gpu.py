@@ -87,7 +87,7 @@ def test_compiled_decoder_matches_the_eager_fast_decoder():
 
 
 def test_clusterkv_fast_decoder_with_triton_kernels_matches_the_pytorch_selection(monkeypatch):
-    """Graph-replayed steps through the select and indexed-attention kernels vs the same steps in PyTorch ops."""
+    """Graph-replayed steps through the ranking and ranked-attention kernels vs the same steps in PyTorch ops."""
     from tests.conftest import tiny_model
 
     from chunkkv_cli.compress.clusterkv import ClusterState

@@ -50,11 +50,15 @@ def test_split_kv_kernel_matches_masked_reference(batch, q_heads, kv_heads, capa
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("batch,q_heads,kv_heads,d,room", [(2, 8, 2, 64, 150), (3, 9, 3, 32, 0), (1, 4, 4, 16, 1)])
-def test_cluster_attention_reads_sinks_chosen_members_then_the_filled_tail(batch, q_heads, kv_heads, d, room):
+@pytest.mark.parametrize(
+    "batch,q_heads,kv_heads,d,room,n_clusters,sinks",
+    [(2, 8, 2, 64, 150, 37, 5), (3, 9, 3, 32, 0, 37, 5), (1, 4, 4, 16, 1, 37, 5), (2, 8, 2, 64, 200, 5, 0)],
+)
+def test_cluster_attention_reads_sinks_chosen_members_then_the_filled_tail(batch, q_heads, kv_heads, d, room, n_clusters, sinks):
     gen = torch.Generator().manual_seed(0)
-    sinks, clustered_len = 5, 500
-    centroids, order, offsets = clustered(batch, kv_heads, clustered_len, 37, d, gen, sinks)
+    clustered_len = 500
+    centroids, order, offsets = clustered(batch, kv_heads, clustered_len, n_clusters, d, gen, sinks)
+    centroids = centroids.to(DTYPE)  # as ClusterState keeps them (bf16 on a GPU)
     tail_start = sinks + clustered_len
     capacity = tail_start + 40
     query = torch.randn(batch, q_heads, 1, d, generator=gen).to(DTYPE).float()  # the kernel's query, exactly
@@ -65,6 +69,9 @@ def test_cluster_attention_reads_sinks_chosen_members_then_the_filled_tail(batch
     lengths = filled + (sinks + room - tail_start)
     got = cluster_attention(query.to(DEVICE, DTYPE), k, v, *(t.to(DEVICE) for t in (centroids, order, offsets)),
                             lengths, sinks, room, tail_start, 0.2)  # fmt: skip
+    with pytest.raises(ValueError, match="exceeds"):
+        cluster_attention(query.to(DEVICE, DTYPE), k, v, *(t.to(DEVICE) for t in (centroids, order, offsets)),
+                          lengths, sinks, clustered_len + 1, tail_start, 0.2)  # fmt: skip
     chosen = select_tokens(query, centroids, order, offsets, room).to(DEVICE)
     index = torch.cat([torch.arange(sinks, device=DEVICE).expand(batch, kv_heads, sinks), chosen], dim=-1)
     for seq in range(batch):

@@ -188,7 +188,7 @@ def select_tokens(query, centroids, order, offsets, budget: int):
     """
     n_kept = min(budget, order.shape[-1])
     sizes = offsets.diff(dim=-1)
-    ranked = cluster_scores(query, centroids).argsort(dim=-1, descending=True)
+    ranked = cluster_scores(query, centroids).argsort(dim=-1, descending=True, stable=True)  # ties: lower index first
     ends = sizes.gather(-1, ranked).cumsum(-1)  # end of each ranked cluster in the concatenation
     slots = torch.arange(n_kept, device=order.device).expand(*order.shape[:-1], n_kept).contiguous()
     rank = torch.searchsorted(ends, slots, right=True)  # empty clusters are skipped
