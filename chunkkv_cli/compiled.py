@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from chunkkv_cli.model import cache_dir
+
 _regions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 _DYNAMO_SETTINGS = {"allow_unspec_int_on_nn_module": True, "recompile_limit": 64}
@@ -40,7 +42,7 @@ def use_persistent_cache() -> Path:
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if current and current != default_cache_dir():
         return Path(current)
-    path = Path(os.environ.get("CHUNKKV_CACHE", Path.home() / ".cache" / "chunkkv")) / "inductor"
+    path = cache_dir() / "inductor"
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     return path
 

@@ -188,3 +188,14 @@ def test_the_one_time_compile_is_announced_before_and_timed_after_once_per_batch
     prefill(model, prompt, [target])
     FastDecoder(model, target.cache, PROMPT_LEN, 4, use_graph=False, compile=True, fall_back=True)._prepare()
     assert not compiled.is_built(model, 2)  # a failed compile is not taken for a built one
+
+
+def test_compiled_kernels_go_under_chunkkvs_cache_folder_unless_inductors_is_named(monkeypatch, tmp_path):
+    from chunkkv_cli.compiled import use_persistent_cache
+
+    monkeypatch.delenv("CHUNKKV_CACHE", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert use_persistent_cache() == tmp_path / "xdg" / "chunkkv" / "inductor"  # where the GGUF conversions go too
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_persistent_cache() == tmp_path / "mine"
